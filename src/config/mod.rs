@@ -1,0 +1,965 @@
+//! One validated configuration model, whichever syntax it came from.
+//!
+//! The seed's `-chardev`/`-object` syntax ([`seed`]) and the TOML file ([`file`]) both produce
+//! raw, unchecked records ([`RawChardev`], [`RawWatchdog`]). [`Config::build`] checks them
+//! together and resolves them into [`Config`], which is all the daemon ever sees. `awd check`
+//! and `awd run` go through the same function, so a config that checks is a config that runs.
+
+pub mod file;
+pub mod seed;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::action::script::{Script, ScriptError};
+
+/// Why a configuration was refused. Each message is one line and names the offending key or file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A `--chardev` or `--object` string does not parse.
+    #[error("{arg}: {msg}")]
+    Syntax {
+        /// The argument as given (or the file and table).
+        arg: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A record is inconsistent (both `path` and `port`, a zero timeout, …).
+    #[error("{origin}: {msg}")]
+    Invalid {
+        /// Where the record came from.
+        origin: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// Two chardevs or two watchdogs share an id.
+    #[error("duplicate {what} id '{id}'")]
+    DuplicateId {
+        /// "chardev" or "watchdog".
+        what: &'static str,
+        /// The id.
+        id: String,
+    },
+    /// A watchdog names a chardev that does not exist.
+    #[error("watchdog '{watchdog}': {key}={id}: no chardev with id '{id}'")]
+    ChardevMissing {
+        /// The watchdog.
+        watchdog: String,
+        /// `awd_node` or `notification_node`.
+        key: &'static str,
+        /// The chardev id it names.
+        id: String,
+    },
+    /// Two watchdogs use the same awd_node (a chardev has one front end, as in QEMU).
+    #[error("watchdog '{watchdog}': awd_node={id} is already used by watchdog '{other}'")]
+    ChardevInUse {
+        /// The second watchdog.
+        watchdog: String,
+        /// The chardev.
+        id: String,
+        /// The first watchdog.
+        other: String,
+    },
+    /// The opt_script could not be read or parsed.
+    #[error("watchdog '{watchdog}': {source}")]
+    Script {
+        /// The watchdog.
+        watchdog: String,
+        /// Why.
+        #[source]
+        source: ScriptError,
+    },
+    /// The TOML file could not be read.
+    #[error("cannot read config file {path}")]
+    FileRead {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML file does not parse.
+    #[error("config file {path}: {msg}")]
+    FileParse {
+        /// The file.
+        path: String,
+        /// The parser's message, on one line.
+        msg: String,
+    },
+    /// Nothing to watch.
+    #[error("no watchdogs configured (give --object advanced-watchdog,… or --config FILE)")]
+    Empty,
+}
+
+impl ConfigError {
+    pub(crate) fn syntax(arg: &str, msg: impl Into<String>) -> ConfigError {
+        ConfigError::Syntax {
+            arg: arg.to_owned(),
+            msg: msg.into(),
+        }
+    }
+
+    pub(crate) fn invalid(origin: &str, msg: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            origin: origin.to_owned(),
+            msg: msg.into(),
+        }
+    }
+}
+
+/// A chardev as written, before validation. Field names follow QEMU's keys.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawChardev {
+    /// The id (the TOML table name).
+    #[serde(skip)]
+    pub id: String,
+    /// `socket` or `vhost-user-vsock`.
+    #[serde(default = "default_backend")]
+    pub backend: String,
+    /// TCP host.
+    pub host: Option<String>,
+    /// TCP port, or the vsock port for `vhost-user-vsock`.
+    pub port: Option<u32>,
+    /// Unix socket path (for `vhost-user-vsock`: the vhost-user socket QEMU connects to).
+    pub path: Option<PathBuf>,
+    /// Listen (`on`) or connect (`off`).
+    pub server: Option<bool>,
+    /// QEMU's wait flag; accepted, awd never blocks startup on a peer.
+    pub wait: Option<bool>,
+    /// Seconds between connection attempts in client mode.
+    pub reconnect: Option<u64>,
+    /// TCP_NODELAY.
+    pub nodelay: Option<bool>,
+    /// The guest's CID, for `vhost-user-vsock`.
+    #[serde(rename = "guest-cid", alias = "guest_cid")]
+    pub guest_cid: Option<u64>,
+    /// Where it came from, for error messages.
+    #[serde(skip)]
+    pub origin: String,
+}
+
+fn default_backend() -> String {
+    "socket".into()
+}
+
+/// An `advanced-watchdog` object as written, before validation.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWatchdog {
+    /// The id (the TOML table name).
+    #[serde(skip)]
+    pub id: String,
+    /// Pulse sender (`on`) or pulse replier (`off`); defaults to the awd_node's mode.
+    pub server: Option<bool>,
+    /// The chardev heartbeats arrive on.
+    pub awd_node: Option<String>,
+    /// The chardev the script is sent to.
+    pub notification_node: Option<String>,
+    /// The script file.
+    pub opt_script: Option<PathBuf>,
+    /// The script inline (TOML only), one command per element.
+    pub script: Option<Vec<String>>,
+    /// Milliseconds between pulses.
+    pub pulse_interval: Option<u64>,
+    /// Milliseconds of silence before the script runs.
+    pub timeout: Option<u64>,
+    /// Milliseconds allowed for the first input.
+    pub grace: Option<u64>,
+    /// Accepted for compatibility and ignored.
+    pub iothread: Option<String>,
+    /// Where it came from, for error messages.
+    #[serde(skip)]
+    pub origin: String,
+}
+
+/// What one `--object` argument describes.
+#[derive(Debug, Clone)]
+pub enum RawObject {
+    /// An advanced-watchdog.
+    Watchdog(RawWatchdog),
+    /// An object awd accepts and ignores (`iothread`).
+    Ignored {
+        /// Its type.
+        kind: String,
+        /// Its id.
+        id: String,
+    },
+}
+
+/// Where a socket chardev points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A TCP host and port.
+    Tcp {
+        /// Host name or address.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+    /// A Unix socket path.
+    Unix(PathBuf),
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Tcp { host, port } if host.contains(':') => write!(f, "tcp:[{host}]:{port}"),
+            Endpoint::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
+            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// A validated socket chardev.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketChardev {
+    /// Its id.
+    pub id: String,
+    /// Where it listens or connects.
+    pub endpoint: Endpoint,
+    /// Listen (true) or connect (false).
+    pub server: bool,
+    /// Client mode: the pause between connection attempts.
+    pub reconnect: Duration,
+    /// TCP_NODELAY on every connection.
+    pub nodelay: bool,
+}
+
+/// A validated vhost-user vsock chardev: one listening vsock port on a vsock device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockChardev {
+    /// Its id.
+    pub id: String,
+    /// The vhost-user socket QEMU's `vhost-user-vsock-pci` connects to.
+    pub path: PathBuf,
+    /// The guest's CID.
+    pub guest_cid: u64,
+    /// The vsock port awd listens on for this chardev.
+    pub port: u32,
+}
+
+/// A validated chardev.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Chardev {
+    /// A TCP or Unix socket.
+    Socket(SocketChardev),
+    /// A port on awd's vhost-user vsock device.
+    Vsock(VsockChardev),
+}
+
+impl Chardev {
+    /// Its id.
+    pub fn id(&self) -> &str {
+        match self {
+            Chardev::Socket(s) => &s.id,
+            Chardev::Vsock(v) => &v.id,
+        }
+    }
+}
+
+impl fmt::Display for Chardev {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Chardev::Socket(s) if s.server => write!(f, "listen {}", s.endpoint),
+            Chardev::Socket(s) => write!(
+                f,
+                "connect {} (reconnect every {} s)",
+                s.endpoint,
+                s.reconnect.as_secs_f64()
+            ),
+            Chardev::Vsock(v) => write!(
+                f,
+                "vhost-user-vsock {} guest-cid {} port {}",
+                v.path.display(),
+                v.guest_cid,
+                v.port
+            ),
+        }
+    }
+}
+
+/// Which side of an AWD pulse exchange a watchdog is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Sends a pulse every `pulse_interval`.
+    Server,
+    /// Answers each pulse.
+    Client,
+}
+
+/// A validated watchdog.
+#[derive(Debug, Clone)]
+pub struct WatchdogConfig {
+    /// Its id, used in every log line and metric.
+    pub id: String,
+    /// Pulse sender or replier.
+    pub role: Role,
+    /// The chardev heartbeats arrive on.
+    pub awd_node: String,
+    /// The chardev the script goes to; `None` means log only.
+    pub notification_node: Option<String>,
+    /// The script.
+    pub script: Script,
+    /// Where the script came from (a path, or "inline").
+    pub script_origin: String,
+    /// Server role: the pulse period.
+    pub pulse_interval: Option<Duration>,
+    /// Silence before expiry.
+    pub timeout: Duration,
+    /// The first deadline, if longer than `timeout`.
+    pub grace: Option<Duration>,
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Config {
+    /// Every chardev, by id.
+    pub chardevs: BTreeMap<String, Chardev>,
+    /// Every watchdog, in id order.
+    pub watchdogs: Vec<WatchdogConfig>,
+    /// Things worth a log line that are not errors (ignored keys, risky pulse settings).
+    pub notes: Vec<String>,
+}
+
+/// The unvalidated records from every source, in the order given.
+#[derive(Debug, Clone, Default)]
+pub struct RawConfig {
+    /// Chardevs.
+    pub chardevs: Vec<RawChardev>,
+    /// Objects.
+    pub objects: Vec<RawObject>,
+    /// Directory that relative `opt_script` paths are resolved against (the TOML file's).
+    pub base_dir: Option<PathBuf>,
+}
+
+impl RawConfig {
+    /// Adds seed-syntax arguments.
+    pub fn add_seed_args(
+        &mut self,
+        chardevs: &[String],
+        objects: &[String],
+    ) -> Result<(), ConfigError> {
+        for c in chardevs {
+            self.chardevs.push(seed::parse_chardev(c)?);
+        }
+        for o in objects {
+            self.objects.push(seed::parse_object(o)?);
+        }
+        Ok(())
+    }
+}
+
+fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+/// QEMU's rule for ids: a letter, then letters, digits, `-`, `.` and `_`.
+fn valid_id(id: &str) -> bool {
+    id.starts_with(|c: char| c.is_ascii_alphabetic())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+}
+
+fn check_id(origin: &str, id: &str) -> Result<(), ConfigError> {
+    if valid_id(id) {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            origin,
+            format!(
+                "id '{id}': ids start with a letter and hold letters, digits, '-', '.' and '_'"
+            ),
+        ))
+    }
+}
+
+fn build_chardev(c: &RawChardev) -> Result<Chardev, ConfigError> {
+    let o = c.origin.as_str();
+    check_id(o, &c.id)?;
+    match c.backend.as_str() {
+        "socket" => {
+            if c.guest_cid.is_some() {
+                return Err(ConfigError::invalid(
+                    o,
+                    "guest-cid is only for vhost-user-vsock",
+                ));
+            }
+            let endpoint = match (&c.path, &c.host, c.port) {
+                (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+                    return Err(ConfigError::invalid(
+                        o,
+                        "give either path= or host=/port=, not both",
+                    ));
+                }
+                (Some(p), None, None) => Endpoint::Unix(p.clone()),
+                (None, host, Some(port)) => {
+                    let port = u16::try_from(port)
+                        .ok()
+                        .filter(|p| *p != 0)
+                        .ok_or_else(|| {
+                            ConfigError::invalid(o, format!("port={port}: not a TCP port"))
+                        })?;
+                    let default = if c.server == Some(true) {
+                        "0.0.0.0"
+                    } else {
+                        "localhost"
+                    };
+                    let host = host
+                        .clone()
+                        .filter(|h| !h.is_empty())
+                        .unwrap_or_else(|| default.into());
+                    Endpoint::Tcp { host, port }
+                }
+                (None, _, None) => {
+                    return Err(ConfigError::invalid(
+                        o,
+                        "missing port= (or path= for a Unix socket)",
+                    ));
+                }
+            };
+            let server = c.server.unwrap_or(false);
+            if server && c.reconnect.is_some() {
+                return Err(ConfigError::invalid(
+                    o,
+                    "reconnect= is only for client mode (server=off)",
+                ));
+            }
+            if c.reconnect == Some(0) {
+                return Err(ConfigError::invalid(
+                    o,
+                    "reconnect=0: give at least 1 second",
+                ));
+            }
+            if c.nodelay.is_some() && matches!(endpoint, Endpoint::Unix(_)) {
+                return Err(ConfigError::invalid(o, "nodelay= is only for TCP sockets"));
+            }
+            Ok(Chardev::Socket(SocketChardev {
+                id: c.id.clone(),
+                endpoint,
+                server,
+                reconnect: Duration::from_secs(c.reconnect.unwrap_or(1)),
+                nodelay: c.nodelay.unwrap_or(false),
+            }))
+        }
+        "vhost-user-vsock" => {
+            let path = c.path.clone().ok_or_else(|| {
+                ConfigError::invalid(o, "missing path= (the vhost-user socket QEMU connects to)")
+            })?;
+            let guest_cid = c
+                .guest_cid
+                .ok_or_else(|| ConfigError::invalid(o, "missing guest-cid="))?;
+            if guest_cid < 3 || guest_cid > u64::from(u32::MAX - 1) {
+                return Err(ConfigError::invalid(
+                    o,
+                    format!("guest-cid={guest_cid}: guest CIDs start at 3 and fit in 32 bits"),
+                ));
+            }
+            let port = c
+                .port
+                .ok_or_else(|| ConfigError::invalid(o, "missing port= (the vsock port)"))?;
+            if port == u32::MAX {
+                return Err(ConfigError::invalid(
+                    o,
+                    "port=4294967295 is VMADDR_PORT_ANY",
+                ));
+            }
+            for (set, key) in [
+                (c.host.is_some(), "host"),
+                (c.server.is_some(), "server"),
+                (c.wait.is_some(), "wait"),
+                (c.reconnect.is_some(), "reconnect"),
+                (c.nodelay.is_some(), "nodelay"),
+            ] {
+                if set {
+                    return Err(ConfigError::invalid(
+                        o,
+                        format!("{key}= does not apply to vhost-user-vsock"),
+                    ));
+                }
+            }
+            Ok(Chardev::Vsock(VsockChardev {
+                id: c.id.clone(),
+                path,
+                guest_cid,
+                port,
+            }))
+        }
+        other => Err(ConfigError::invalid(
+            o,
+            format!("unsupported chardev backend '{other}' (awd has socket and vhost-user-vsock)"),
+        )),
+    }
+}
+
+impl Config {
+    /// Validates raw records into a configuration. Reads opt_script files.
+    pub fn build(raw: RawConfig) -> Result<Config, ConfigError> {
+        let mut cfg = Config::default();
+        for c in &raw.chardevs {
+            let chardev = build_chardev(c)?;
+            if cfg.chardevs.insert(c.id.clone(), chardev).is_some() {
+                return Err(ConfigError::DuplicateId {
+                    what: "chardev",
+                    id: c.id.clone(),
+                });
+            }
+        }
+        // vsock chardevs on one device must agree on the guest CID, and ports must be unique.
+        let mut devices: BTreeMap<&Path, (u64, BTreeSet<u32>)> = BTreeMap::new();
+        for ch in cfg.chardevs.values() {
+            if let Chardev::Vsock(v) = ch {
+                let entry = devices
+                    .entry(&v.path)
+                    .or_insert((v.guest_cid, BTreeSet::new()));
+                if entry.0 != v.guest_cid {
+                    return Err(ConfigError::invalid(
+                        &format!("chardev '{}'", v.id),
+                        format!(
+                            "guest-cid={} differs from guest-cid={} of another chardev on {}",
+                            v.guest_cid,
+                            entry.0,
+                            v.path.display()
+                        ),
+                    ));
+                }
+                if !entry.1.insert(v.port) {
+                    return Err(ConfigError::invalid(
+                        &format!("chardev '{}'", v.id),
+                        format!(
+                            "vsock port {} is already used on {}",
+                            v.port,
+                            v.path.display()
+                        ),
+                    ));
+                }
+            }
+        }
+        // Socket endpoints must be unique among listeners.
+        let mut listeners = BTreeMap::new();
+        for ch in cfg.chardevs.values() {
+            if let Chardev::Socket(s) = ch
+                && s.server
+                && let Some(other) = listeners.insert(s.endpoint.to_string(), s.id.clone())
+            {
+                return Err(ConfigError::invalid(
+                    &format!("chardev '{}'", s.id),
+                    format!("listens on {} like chardev '{other}'", s.endpoint),
+                ));
+            }
+        }
+
+        let mut used: BTreeMap<String, String> = BTreeMap::new();
+        let mut ids = BTreeSet::new();
+        for obj in &raw.objects {
+            let w = match obj {
+                RawObject::Ignored { kind, id } => {
+                    cfg.notes
+                        .push(format!("object {kind} '{id}' is accepted and ignored"));
+                    continue;
+                }
+                RawObject::Watchdog(w) => w,
+            };
+            if !ids.insert(w.id.clone()) {
+                return Err(ConfigError::DuplicateId {
+                    what: "watchdog",
+                    id: w.id.clone(),
+                });
+            }
+            let wc = build_watchdog(w, &cfg, raw.base_dir.as_deref())?;
+            if let Some(other) = used.insert(wc.awd_node.clone(), wc.id.clone()) {
+                return Err(ConfigError::ChardevInUse {
+                    watchdog: wc.id.clone(),
+                    id: wc.awd_node.clone(),
+                    other,
+                });
+            }
+            if let Some(iothread) = &w.iothread {
+                cfg.notes.push(format!(
+                    "watchdog '{}': iothread={iothread} is accepted and ignored (awd runs its own threads)",
+                    w.id
+                ));
+            }
+            if let Some(p) = wc.pulse_interval
+                && p >= wc.timeout
+            {
+                cfg.notes.push(format!(
+                    "watchdog '{}': pulse_interval ({} ms) is not shorter than timeout ({} ms): \
+                     a peer with the same timeout expires between pulses",
+                    wc.id,
+                    p.as_millis(),
+                    wc.timeout.as_millis()
+                ));
+            }
+            cfg.watchdogs.push(wc);
+        }
+        for wc in &cfg.watchdogs {
+            if let Some(n) = &wc.notification_node
+                && let Some(user) = used.get(n)
+            {
+                return Err(ConfigError::invalid(
+                    &format!("watchdog '{}'", wc.id),
+                    format!("notification_node={n} is the awd_node of watchdog '{user}'"),
+                ));
+            }
+        }
+        if cfg.watchdogs.is_empty() {
+            return Err(ConfigError::Empty);
+        }
+        cfg.watchdogs.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(cfg)
+    }
+}
+
+fn build_watchdog(
+    w: &RawWatchdog,
+    cfg: &Config,
+    base_dir: Option<&Path>,
+) -> Result<WatchdogConfig, ConfigError> {
+    let o = format!("watchdog '{}'", w.id);
+    check_id(&w.origin, &w.id)?;
+    let awd_node = w
+        .awd_node
+        .clone()
+        .ok_or_else(|| ConfigError::invalid(&o, "missing awd_node="))?;
+    let node = cfg
+        .chardevs
+        .get(&awd_node)
+        .ok_or_else(|| ConfigError::ChardevMissing {
+            watchdog: w.id.clone(),
+            key: "awd_node",
+            id: awd_node.clone(),
+        })?;
+    if let Some(n) = &w.notification_node {
+        match cfg.chardevs.get(n) {
+            None => {
+                return Err(ConfigError::ChardevMissing {
+                    watchdog: w.id.clone(),
+                    key: "notification_node",
+                    id: n.clone(),
+                });
+            }
+            Some(Chardev::Vsock(_)) => {
+                return Err(ConfigError::invalid(
+                    &o,
+                    format!("notification_node={n} is a vsock port; use a socket chardev"),
+                ));
+            }
+            Some(Chardev::Socket(s)) if s.server => {
+                return Err(ConfigError::invalid(
+                    &o,
+                    format!(
+                        "notification_node={n} must be a client chardev (server=off): awd connects to the monitor"
+                    ),
+                ));
+            }
+            Some(Chardev::Socket(_)) => {}
+        }
+    }
+    let timeout = w
+        .timeout
+        .ok_or_else(|| ConfigError::invalid(&o, "missing timeout= (milliseconds)"))?;
+    if timeout == 0 {
+        return Err(ConfigError::invalid(&o, "timeout=0: give at least 1 ms"));
+    }
+    if w.pulse_interval == Some(0) {
+        return Err(ConfigError::invalid(
+            &o,
+            "pulse_interval=0: give at least 1 ms",
+        ));
+    }
+    if w.grace == Some(0) {
+        return Err(ConfigError::invalid(
+            &o,
+            "grace=0: leave it out to use timeout",
+        ));
+    }
+    let (script, script_origin) = match (&w.opt_script, &w.script) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::invalid(
+                &o,
+                "give either opt_script or script, not both",
+            ));
+        }
+        (Some(path), None) => {
+            let path = match base_dir {
+                Some(dir) if path.is_relative() => dir.join(path),
+                _ => path.clone(),
+            };
+            let script = Script::load(&path).map_err(|source| ConfigError::Script {
+                watchdog: w.id.clone(),
+                source,
+            })?;
+            (script, path.display().to_string())
+        }
+        (None, Some(lines)) => {
+            let script = Script::parse(&lines.join("\n"), "inline").map_err(|source| {
+                ConfigError::Script {
+                    watchdog: w.id.clone(),
+                    source,
+                }
+            })?;
+            (script, "inline".to_owned())
+        }
+        (None, None) => (Script::default(), "none".to_owned()),
+    };
+    if !script.is_empty() && w.notification_node.is_none() {
+        return Err(ConfigError::invalid(
+            &o,
+            "a script needs a notification_node= to send it to",
+        ));
+    }
+    let mode_server = match node {
+        Chardev::Socket(s) => s.server,
+        Chardev::Vsock(_) => true,
+    };
+    let role = match w.server.unwrap_or(mode_server) {
+        true => Role::Server,
+        false => Role::Client,
+    };
+    if w.pulse_interval.is_some() && role == Role::Client {
+        return Err(ConfigError::invalid(
+            &o,
+            "pulse_interval= needs server=on: the client side answers pulses instead",
+        ));
+    }
+    Ok(WatchdogConfig {
+        id: w.id.clone(),
+        role,
+        awd_node,
+        notification_node: w.notification_node.clone(),
+        script,
+        script_origin,
+        pulse_interval: w.pulse_interval.map(ms),
+        timeout: ms(timeout),
+        grace: w.grace.map(ms),
+    })
+}
+
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for w in &self.watchdogs {
+            writeln!(f, "watchdog {}", w.id)?;
+            let node = &self.chardevs[&w.awd_node];
+            writeln!(f, "  awd_node          {} ({node})", w.awd_node)?;
+            match &w.notification_node {
+                Some(n) => writeln!(f, "  notification_node {n} ({})", self.chardevs[n])?,
+                None => writeln!(f, "  notification_node none (log only)")?,
+            }
+            write!(f, "  timeout           {} ms", w.timeout.as_millis())?;
+            match w.grace {
+                Some(g) => writeln!(f, ", first deadline after {} ms", g.as_millis())?,
+                None => writeln!(f)?,
+            }
+            match (w.role, w.pulse_interval) {
+                (Role::Server, Some(p)) => {
+                    writeln!(f, "  pulses            every {} ms", p.as_millis())?
+                }
+                (Role::Server, None) => writeln!(f, "  pulses            none")?,
+                (Role::Client, _) => writeln!(f, "  pulses            answered")?,
+            }
+            if w.script.is_empty() {
+                writeln!(f, "  script            none")?;
+            } else {
+                writeln!(
+                    f,
+                    "  script            {} from {}",
+                    w.script, w.script_origin
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build(chardevs: &[&str], objects: &[&str]) -> Result<Config, ConfigError> {
+        let mut raw = RawConfig::default();
+        let c: Vec<String> = chardevs.iter().map(|s| s.to_string()).collect();
+        let o: Vec<String> = objects.iter().map(|s| s.to_string()).collect();
+        raw.add_seed_args(&c, &o)?;
+        Config::build(raw)
+    }
+
+    fn script_file(text: &str) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), text).unwrap();
+        f
+    }
+
+    #[test]
+    fn the_seeds_local_guest_example_resolves() {
+        let s = script_file("quit\n");
+        let cfg = build(
+            &[
+                "socket,id=detection,host=0.0.0.0,port=9009,server,nowait",
+                "socket,id=notification,host=127.0.0.1,port=4445",
+            ],
+            &[
+                "iothread,id=iothread1",
+                &format!(
+                    "advanced-watchdog,id=awd1,server=on,awd_node=detection,notification_node=notification,\
+                     opt_script={},iothread=iothread1,pulse_interval=1000,timeout=5000",
+                    s.path().display()
+                ),
+            ],
+        )
+        .unwrap();
+        let w = &cfg.watchdogs[0];
+        assert_eq!(w.role, Role::Server);
+        assert_eq!(w.timeout, Duration::from_secs(5));
+        assert_eq!(w.pulse_interval, Some(Duration::from_secs(1)));
+        assert!(
+            cfg.notes
+                .iter()
+                .any(|n| n.contains("iothread=iothread1 is accepted and ignored"))
+        );
+        let text = cfg.to_string();
+        assert!(text.contains("listen tcp:0.0.0.0:9009"), "{text}");
+        assert!(text.contains("quit (QMP quit)"), "{text}");
+    }
+
+    #[test]
+    fn the_seeds_colo_secondary_is_a_client_that_answers_pulses() {
+        let s = script_file("nbd_server_stop\nx_colo_lost_heartbeat\n");
+        let cfg = build(
+            &["socket,id=h1,host=127.0.0.1,port=9009,reconnect=1", "socket,id=mon,host=127.0.0.1,port=4445"],
+            &[&format!(
+                "advanced-watchdog,id=heart1,server=off,awd_node=h1,notification_node=mon,opt_script={},timeout=10000",
+                s.path().display()
+            )],
+        )
+        .unwrap();
+        assert_eq!(cfg.watchdogs[0].role, Role::Client);
+        assert_eq!(cfg.watchdogs[0].script.lines.len(), 2);
+    }
+
+    #[test]
+    fn errors_are_one_line_and_name_what_is_wrong() {
+        let cases: &[(&[&str], &[&str], &str)] = &[
+            (
+                &["socket,id=a,port=1,server"],
+                &["advanced-watchdog,id=w,awd_node=b,timeout=1"],
+                "awd_node=b: no chardev with id 'b'",
+            ),
+            (
+                &["socket,id=a,port=1,server"],
+                &["advanced-watchdog,id=w,awd_node=a,notification_node=zz,timeout=1"],
+                "notification_node=zz: no chardev",
+            ),
+            (
+                &["socket,id=a,port=1,server"],
+                &["advanced-watchdog,id=w,awd_node=a,timeout=1,opt_script=/nonexistent/x"],
+                "cannot read opt_script /nonexistent/x",
+            ),
+            (
+                &["socket,id=a,port=1,server"],
+                &["advanced-watchdog,id=w,awd_node=a"],
+                "missing timeout=",
+            ),
+            (
+                &["socket,id=a,port=1,server"],
+                &["advanced-watchdog,id=w,awd_node=a,timeout=0"],
+                "timeout=0",
+            ),
+            (
+                &["socket,id=a,port=1,server", "socket,id=a,port=2,server"],
+                &["advanced-watchdog,id=w,awd_node=a,timeout=1"],
+                "duplicate chardev id 'a'",
+            ),
+            (
+                &["socket,id=a,port=1,server"],
+                &[
+                    "advanced-watchdog,id=w,awd_node=a,timeout=1",
+                    "advanced-watchdog,id=v,awd_node=a,timeout=1",
+                ],
+                "already used by watchdog 'w'",
+            ),
+            (
+                &["socket,id=a,path=/x,port=1"],
+                &[],
+                "either path= or host=/port=",
+            ),
+            (
+                &["socket,id=a,port=1,server,reconnect=1"],
+                &[],
+                "reconnect= is only for client mode",
+            ),
+            (
+                &["socket,id=a,port=70000"],
+                &[],
+                "port=70000: not a TCP port",
+            ),
+            (
+                &["serial,id=a"],
+                &[],
+                "unsupported chardev backend 'serial'",
+            ),
+            (
+                &["socket,id=a,port=1"],
+                &["advanced-watchdog,id=w,awd_node=a,timeout=1,pulse_interval=5"],
+                "pulse_interval= needs server=on",
+            ),
+            (&[], &[], "no watchdogs configured"),
+            (
+                &["socket,id=a,,b,port=1"],
+                &[],
+                "id 'a,b': ids start with a letter",
+            ),
+        ];
+        for (chardevs, objects, want) in cases {
+            let err = build(chardevs, objects).unwrap_err().to_string();
+            assert!(err.contains(want), "want {want:?}, got {err:?}");
+            assert!(!err.contains('\n'), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_pulse_interval_not_shorter_than_the_timeout_is_noted() {
+        let cfg = build(
+            &["socket,id=a,port=1,server"],
+            &["advanced-watchdog,id=w,awd_node=a,timeout=1000,pulse_interval=1000"],
+        )
+        .unwrap();
+        assert!(
+            cfg.notes
+                .iter()
+                .any(|n| n.contains("not shorter than timeout")),
+            "{:?}",
+            cfg.notes
+        );
+    }
+
+    #[test]
+    fn vsock_chardevs_share_a_device_but_not_a_port() {
+        let ok = build(
+            &[
+                "vhost-user-vsock,id=a,path=/tmp/v.sock,guest-cid=3,port=9009",
+                "vhost-user-vsock,id=b,path=/tmp/v.sock,guest-cid=3,port=9010",
+            ],
+            &[
+                "advanced-watchdog,id=w,awd_node=a,timeout=1000",
+                "advanced-watchdog,id=v,awd_node=b,timeout=1000",
+            ],
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+        let err = build(
+            &[
+                "vhost-user-vsock,id=a,path=/tmp/v.sock,guest-cid=3,port=9009",
+                "vhost-user-vsock,id=b,path=/tmp/v.sock,guest-cid=4,port=9010",
+            ],
+            &["advanced-watchdog,id=w,awd_node=a,timeout=1000"],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("differs from guest-cid=3"), "{err}");
+    }
+}

@@ -1,0 +1,448 @@
+//! The bytes on a heartbeat channel.
+//!
+//! Two formats share one stream, told apart by their first byte:
+//!
+//! * **Lines** (`…\n`, a trailing `\r` is ignored), the format of guest agents and of anything a
+//!   shell can produce. Where it overlaps, it follows systemd's notify protocol:
+//!
+//!   | line | meaning |
+//!   |---|---|
+//!   | `WATCHDOG=1` | heartbeat |
+//!   | `WATCHDOG=trigger` | immediate failure, without waiting for the timeout |
+//!   | `WATCHDOG_USEC=N` | set the timeout to N µs (within the configured bounds) |
+//!   | `CHECKPOINT=name` | a named checkpoint (alive, deadline and logical supervision) |
+//!   | `CONDITION=name=1` / `CONDITION=name=0` | set or clear a linked condition |
+//!   | `STATUS=text` | free text, logged |
+//!   | anything else | a plain heartbeat, as in the seed: any input refreshes the timer |
+//!
+//! * **AWD frames**: a 4-byte big-endian length, then the payload, the framing QEMU's
+//!   colo-compare uses and the original AWD used for its pulses. A frame starts with a zero byte
+//!   (no sane frame is 16 MiB long), which no text line does. The payload is read as one line.
+//!   Pulses are `advanced-watchdog pulse` (sent by the server side) and `advanced-watchdog reply
+//!   pulse` (the client's answer).
+//!
+//! The input is hostile. [`Decoder`] keeps at most [`MAX_LINE`] bytes of any message, drops
+//! longer ones in streaming fashion (a 10 MB line costs no memory) and reports every drop as a
+//! [`Rejection`], so the caller can count and log it. Rejected input still proves the peer is
+//! alive, so callers treat it as a heartbeat for the plain timeout.
+
+use std::fmt;
+use std::time::Duration;
+
+/// The pulse the server side of an AWD pair sends every `pulse_interval`.
+pub const PULSE: &str = "advanced-watchdog pulse";
+/// The client side's answer to each [`PULSE`].
+pub const PULSE_REPLY: &str = "advanced-watchdog reply pulse";
+/// The longest line or frame payload that is interpreted. Longer input is rejected.
+pub const MAX_LINE: usize = 4096;
+/// The longest checkpoint or condition name.
+pub const MAX_NAME: usize = 64;
+
+/// One message decoded from a channel. Borrowed from the decoder's buffer, so decoding a
+/// heartbeat allocates nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Message<'a> {
+    /// Any input that is not one of the other messages: refreshes the timer.
+    Heartbeat,
+    /// `WATCHDOG=trigger`: the peer reports its own failure.
+    Trigger,
+    /// `WATCHDOG_USEC=N`: the peer asks for a new timeout.
+    SetTimeout(Duration),
+    /// `CHECKPOINT=name`.
+    Checkpoint(&'a str),
+    /// `CONDITION=name=1|0`.
+    Condition(&'a str, bool),
+    /// `STATUS=text`: free text for the log.
+    Status(&'a str),
+    /// An AWD pulse from the server side.
+    Pulse,
+    /// A client's reply to a pulse.
+    PulseReply,
+    /// Input that was dropped; see [`Rejection`].
+    Rejected(Rejection),
+}
+
+/// Why a piece of input was dropped. Each reason has its own counter in the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Rejection {
+    /// A line longer than [`MAX_LINE`].
+    LineTooLong,
+    /// A frame whose length header exceeds [`MAX_LINE`].
+    FrameTooLong,
+    /// A line or frame that is not UTF-8.
+    InvalidUtf8,
+    /// A known key with a value that does not parse (`WATCHDOG_USEC=abc`, a bad name).
+    BadValue,
+}
+
+impl Rejection {
+    /// Every reason, for pre-registering counters.
+    pub const ALL: [Rejection; 4] = [
+        Rejection::LineTooLong,
+        Rejection::FrameTooLong,
+        Rejection::InvalidUtf8,
+        Rejection::BadValue,
+    ];
+
+    /// A stable snake_case name, used as a metric label and in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rejection::LineTooLong => "line_too_long",
+            Rejection::FrameTooLong => "frame_too_long",
+            Rejection::InvalidUtf8 => "invalid_utf8",
+            Rejection::BadValue => "bad_value",
+        }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where the decoder is inside the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// At a message boundary.
+    Start,
+    /// Inside a text line; its bytes so far are in `buf`.
+    Line,
+    /// Inside an over-long line: drop everything up to the next newline.
+    Discard,
+    /// Reading the 4-byte frame length; `have` bytes of it are in `header`.
+    FrameHeader { have: usize },
+    /// Reading a frame payload of `len` bytes; what has arrived is in `buf`.
+    FramePayload { len: usize },
+}
+
+/// A streaming decoder for one channel: feed it whatever a read returned, get messages back.
+///
+/// Memory is bounded by [`MAX_LINE`] whatever the input.
+#[derive(Debug)]
+pub struct Decoder {
+    state: State,
+    buf: Vec<u8>,
+    header: [u8; 4],
+}
+
+impl Default for Decoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Decoder {
+    /// A decoder at a message boundary.
+    pub fn new() -> Self {
+        Decoder {
+            state: State::Start,
+            buf: Vec::with_capacity(128),
+            header: [0; 4],
+        }
+    }
+
+    /// Whether a message is partly received (the stream ended mid-message if so).
+    pub fn is_mid_message(&self) -> bool {
+        self.state != State::Start
+    }
+
+    /// Decodes `input`, calling `emit` for each complete message in order.
+    pub fn feed(&mut self, mut input: &[u8], mut emit: impl FnMut(Message<'_>)) {
+        while !input.is_empty() {
+            match self.state {
+                State::Start => {
+                    if input[0] == 0 {
+                        self.state = State::FrameHeader { have: 0 };
+                    } else {
+                        self.buf.clear();
+                        self.state = State::Line;
+                    }
+                }
+                State::Line => match input.iter().position(|&b| b == b'\n') {
+                    Some(pos) => {
+                        if self.buf.len() + pos > MAX_LINE {
+                            emit(Message::Rejected(Rejection::LineTooLong));
+                        } else {
+                            self.buf.extend_from_slice(&input[..pos]);
+                            emit(parse_line(&self.buf));
+                        }
+                        self.buf.clear();
+                        self.state = State::Start;
+                        input = &input[pos + 1..];
+                    }
+                    None => {
+                        if self.buf.len() + input.len() > MAX_LINE {
+                            emit(Message::Rejected(Rejection::LineTooLong));
+                            self.buf.clear();
+                            self.state = State::Discard;
+                        } else {
+                            self.buf.extend_from_slice(input);
+                        }
+                        input = &[];
+                    }
+                },
+                State::Discard => match input.iter().position(|&b| b == b'\n') {
+                    Some(pos) => {
+                        self.state = State::Start;
+                        input = &input[pos + 1..];
+                    }
+                    None => input = &[],
+                },
+                State::FrameHeader { have } => {
+                    let take = (4 - have).min(input.len());
+                    self.header[have..have + take].copy_from_slice(&input[..take]);
+                    input = &input[take..];
+                    if have + take < 4 {
+                        self.state = State::FrameHeader { have: have + take };
+                        continue;
+                    }
+                    let len = u32::from_be_bytes(self.header) as usize;
+                    if len > MAX_LINE {
+                        // No way to find the frame's end without trusting its length: resync
+                        // at the next newline, as for an over-long line.
+                        emit(Message::Rejected(Rejection::FrameTooLong));
+                        self.state = State::Discard;
+                    } else if len == 0 {
+                        emit(Message::Heartbeat);
+                        self.state = State::Start;
+                    } else {
+                        self.buf.clear();
+                        self.state = State::FramePayload { len };
+                    }
+                }
+                State::FramePayload { len } => {
+                    let take = (len - self.buf.len()).min(input.len());
+                    self.buf.extend_from_slice(&input[..take]);
+                    input = &input[take..];
+                    if self.buf.len() == len {
+                        emit(parse_line(&self.buf));
+                        self.buf.clear();
+                        self.state = State::Start;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Interprets one line or frame payload (without its newline).
+pub fn parse_line(raw: &[u8]) -> Message<'_> {
+    let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+    let Ok(line) = std::str::from_utf8(raw) else {
+        return Message::Rejected(Rejection::InvalidUtf8);
+    };
+    match line {
+        PULSE => return Message::Pulse,
+        PULSE_REPLY => return Message::PulseReply,
+        "WATCHDOG=1" => return Message::Heartbeat,
+        "WATCHDOG=trigger" => return Message::Trigger,
+        _ => {}
+    }
+    let Some((key, value)) = line.split_once('=') else {
+        return Message::Heartbeat;
+    };
+    match key {
+        "WATCHDOG_USEC" => match value.parse::<u64>() {
+            Ok(usec) if usec > 0 => Message::SetTimeout(Duration::from_micros(usec)),
+            _ => Message::Rejected(Rejection::BadValue),
+        },
+        "CHECKPOINT" if valid_name(value) => Message::Checkpoint(value),
+        "CONDITION" => match value.rsplit_once('=') {
+            Some((name, "1")) if valid_name(name) => Message::Condition(name, true),
+            Some((name, "0")) if valid_name(name) => Message::Condition(name, false),
+            _ => Message::Rejected(Rejection::BadValue),
+        },
+        "CHECKPOINT" => Message::Rejected(Rejection::BadValue),
+        "STATUS" => Message::Status(value),
+        _ => Message::Heartbeat,
+    }
+}
+
+/// Whether `name` is a usable checkpoint or condition name: 1 to [`MAX_NAME`] characters of
+/// `[A-Za-z0-9_.:-]`.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b))
+}
+
+/// Encodes `payload` as an AWD frame: a 4-byte big-endian length, then the payload.
+///
+/// # Panics
+/// Never for awd's own payloads; a payload over 4 GiB cannot be framed and is truncated in the
+/// length field, which is why callers only frame the short constants above.
+pub fn frame(payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+    let mut out = Vec::with_capacity(4 + payload.len());
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Owned form of a message, for comparing in tests.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Owned {
+        Heartbeat,
+        Trigger,
+        SetTimeout(Duration),
+        Checkpoint(String),
+        Condition(String, bool),
+        Status(String),
+        Pulse,
+        PulseReply,
+        Rejected(Rejection),
+    }
+
+    fn owned(m: Message<'_>) -> Owned {
+        match m {
+            Message::Heartbeat => Owned::Heartbeat,
+            Message::Trigger => Owned::Trigger,
+            Message::SetTimeout(d) => Owned::SetTimeout(d),
+            Message::Checkpoint(c) => Owned::Checkpoint(c.into()),
+            Message::Condition(c, v) => Owned::Condition(c.into(), v),
+            Message::Status(s) => Owned::Status(s.into()),
+            Message::Pulse => Owned::Pulse,
+            Message::PulseReply => Owned::PulseReply,
+            Message::Rejected(r) => Owned::Rejected(r),
+        }
+    }
+
+    fn decode_chunks(chunks: &[&[u8]]) -> Vec<Owned> {
+        let mut d = Decoder::new();
+        let mut out = Vec::new();
+        for c in chunks {
+            d.feed(c, |m| out.push(owned(m)));
+        }
+        out
+    }
+
+    #[test]
+    fn lines_of_the_notify_protocol() {
+        let input = b"WATCHDOG=1\nWATCHDOG=trigger\nWATCHDOG_USEC=2500000\nCHECKPOINT=init\n\
+            CONDITION=ready=1\nCONDITION=ready=0\nSTATUS=all good\nhello\n\nX=Y\r\n";
+        assert_eq!(
+            decode_chunks(&[input]),
+            vec![
+                Owned::Heartbeat,
+                Owned::Trigger,
+                Owned::SetTimeout(Duration::from_millis(2500)),
+                Owned::Checkpoint("init".into()),
+                Owned::Condition("ready".into(), true),
+                Owned::Condition("ready".into(), false),
+                Owned::Status("all good".into()),
+                Owned::Heartbeat,
+                Owned::Heartbeat,
+                Owned::Heartbeat,
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        let input =
+            b"WATCHDOG_USEC=abc\nWATCHDOG_USEC=0\nCHECKPOINT=\nCHECKPOINT=a b\nCONDITION=x\n";
+        assert_eq!(
+            decode_chunks(&[input]),
+            vec![Owned::Rejected(Rejection::BadValue); 5]
+        );
+    }
+
+    #[test]
+    fn frames_and_pulses() {
+        let mut input = frame(PULSE.as_bytes());
+        input.extend(frame(PULSE_REPLY.as_bytes()));
+        input.extend(frame(b""));
+        input.extend(frame(b"CHECKPOINT=a"));
+        assert_eq!(
+            decode_chunks(&[&input]),
+            vec![
+                Owned::Pulse,
+                Owned::PulseReply,
+                Owned::Heartbeat,
+                Owned::Checkpoint("a".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn byte_at_a_time_gives_the_same_messages() {
+        let mut input = frame(PULSE.as_bytes());
+        input.extend_from_slice(b"WATCHDOG=1\r\nCHECKPOINT=b\n");
+        let chunks: Vec<&[u8]> = input.chunks(1).collect();
+        assert_eq!(
+            decode_chunks(&chunks),
+            vec![
+                Owned::Pulse,
+                Owned::Heartbeat,
+                Owned::Checkpoint("b".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn a_ten_megabyte_line_is_one_rejection_and_bounded_memory() {
+        let mut d = Decoder::new();
+        let mut out = Vec::new();
+        let chunk = vec![b'a'; 64 * 1024];
+        for _ in 0..160 {
+            d.feed(&chunk, |m| out.push(owned(m)));
+            assert!(d.buf.capacity() <= 2 * MAX_LINE);
+        }
+        d.feed(b"\nWATCHDOG=1\n", |m| out.push(owned(m)));
+        assert_eq!(
+            out,
+            vec![Owned::Rejected(Rejection::LineTooLong), Owned::Heartbeat]
+        );
+    }
+
+    #[test]
+    fn a_line_of_exactly_max_is_accepted_one_more_is_not() {
+        let mut line = vec![b'a'; MAX_LINE];
+        line.push(b'\n');
+        assert_eq!(decode_chunks(&[&line]), vec![Owned::Heartbeat]);
+        let mut line = vec![b'a'; MAX_LINE + 1];
+        line.push(b'\n');
+        assert_eq!(
+            decode_chunks(&[&line]),
+            vec![Owned::Rejected(Rejection::LineTooLong)]
+        );
+    }
+
+    #[test]
+    fn invalid_utf8_and_lying_frame_lengths() {
+        assert_eq!(
+            decode_chunks(&[b"\xff\xfe\n"]),
+            vec![Owned::Rejected(Rejection::InvalidUtf8)]
+        );
+        // A frame header claiming 16 MiB: rejected, then resync at the newline.
+        assert_eq!(
+            decode_chunks(&[b"\x00\xff\xff\xffjunk\nWATCHDOG=1\n"]),
+            vec![Owned::Rejected(Rejection::FrameTooLong), Owned::Heartbeat]
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Arbitrary bytes in arbitrary chunks: no panic, bounded memory, and the same
+        /// messages however the stream is split.
+        #[test]
+        fn arbitrary_input_never_panics_and_split_does_not_matter(
+            data in proptest::collection::vec(any::<u8>(), 0..3 * MAX_LINE),
+            cut in 0usize..3 * MAX_LINE,
+        ) {
+            let whole = decode_chunks(&[&data]);
+            let cut = cut.min(data.len());
+            let split = decode_chunks(&[&data[..cut], &data[cut..]]);
+            prop_assert_eq!(whole, split);
+        }
+    }
+}
