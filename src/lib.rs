@@ -14,6 +14,7 @@
 //! | [`protocol`] | the bytes on a heartbeat channel: line protocol, AWD pulse frames, decoder |
 //! | [`engine`] | pure supervision: events and the current time in, status changes and the next deadline out |
 //! | [`agent`] | the guest agent behind the `awd-agent` binary |
+//! | [`client`] | the health-monitoring API for guest programs |
 //! | `config` | one validated model from the seed's `-chardev`/`-object` syntax or TOML |
 //! | `transport` | heartbeat channels: TCP/Unix sockets (server or client with reconnect) |
 //! | `action` | what runs on expiry: typed QMP through `qapi`, HMP lines, raw notification lines |
@@ -22,6 +23,7 @@
 //! | `cli` | the `awd` command line |
 
 pub mod agent;
+pub mod client;
 pub mod engine;
 pub mod protocol;
 

@@ -21,7 +21,7 @@ use crate::config::{Role, WatchdogConfig};
 use crate::engine::{EngineSpec, GlobalStatus, Transition, WatchdogEngine};
 use crate::metrics::WatchdogMetrics;
 use crate::protocol::{Message, PULSE, PULSE_REPLY, frame};
-use crate::transport::{ChannelEvent, ConnId, Signal};
+use crate::transport::{ChannelEvent, ConnId, ConnWriter, Signal, TryWriteError};
 
 /// The engine's clock: tokio's (so tests can pause it), as the std type the engine takes.
 pub fn now() -> std::time::Instant {
@@ -35,7 +35,7 @@ pub struct WatchdogTask {
     pulse_interval: Option<Duration>,
     engine: WatchdogEngine,
     events: mpsc::Receiver<ChannelEvent>,
-    conns: BTreeMap<ConnId, mpsc::Sender<Bytes>>,
+    conns: BTreeMap<ConnId, Box<dyn ConnWriter>>,
     metrics: Arc<WatchdogMetrics>,
     runner: Option<RunnerHandle>,
     script: Arc<Script>,
@@ -192,17 +192,17 @@ impl WatchdogTask {
         let Some(tx) = self.conns.get(&conn) else {
             return;
         };
-        match tx.try_send(bytes) {
+        match tx.try_write(bytes) {
             Ok(()) => {
                 self.metrics.pulses.inc();
             }
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(TryWriteError::Full) => {
                 debug!(
                     watchdog = &*self.id,
                     conn, "pulse skipped: the peer is not reading"
                 );
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
+            Err(TryWriteError::Closed) => {
                 self.conns.remove(&conn);
             }
         }
@@ -347,7 +347,7 @@ mod tests {
             .send(ChannelEvent::Connected {
                 conn: 9,
                 peer: "p".into(),
-                tx,
+                tx: Box::new(tx),
             })
             .await
             .unwrap();
@@ -380,7 +380,7 @@ mod tests {
             .send(ChannelEvent::Connected {
                 conn: 3,
                 peer: "p".into(),
-                tx,
+                tx: Box::new(tx),
             })
             .await
             .unwrap();
@@ -410,7 +410,7 @@ mod tests {
             .send(ChannelEvent::Connected {
                 conn: 4,
                 peer: "p".into(),
-                tx,
+                tx: Box::new(tx),
             })
             .await
             .unwrap();

@@ -6,6 +6,7 @@
 //! pulses and pulse replies.
 
 pub mod socket;
+pub mod vsock;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,6 +47,32 @@ pub enum Signal {
     PulseReply,
 }
 
+/// Why a write to a connection was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TryWriteError {
+    /// The peer is not reading fast enough; the bytes were dropped.
+    Full,
+    /// The connection is gone.
+    Closed,
+}
+
+/// The sending side of one connection, as the watchdog sees it: queue bytes without waiting.
+/// Socket connections use a tokio channel drained by a writer task; the vsock device has its
+/// own queue drained by its epoll thread.
+pub trait ConnWriter: Send + Sync + std::fmt::Debug {
+    /// Queues `bytes` for the peer, or says why not. Never blocks.
+    fn try_write(&self, bytes: Bytes) -> Result<(), TryWriteError>;
+}
+
+impl ConnWriter for mpsc::Sender<Bytes> {
+    fn try_write(&self, bytes: Bytes) -> Result<(), TryWriteError> {
+        self.try_send(bytes).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => TryWriteError::Full,
+            mpsc::error::TrySendError::Closed(_) => TryWriteError::Closed,
+        })
+    }
+}
+
 /// What a transport tells its watchdog.
 #[derive(Debug)]
 pub enum ChannelEvent {
@@ -55,8 +82,8 @@ pub enum ChannelEvent {
         conn: ConnId,
         /// The peer's address, for logs.
         peer: String,
-        /// Writes bytes to the connection; full means the peer is not reading.
-        tx: mpsc::Sender<Bytes>,
+        /// Writes bytes to the connection.
+        tx: Box<dyn ConnWriter>,
     },
     /// A connection closed.
     Disconnected {

@@ -274,7 +274,7 @@ pub async fn run_connection<S>(
         .send(ChannelEvent::Connected {
             conn,
             peer: peer.clone(),
-            tx,
+            tx: Box::new(tx),
         })
         .await
         .is_err()

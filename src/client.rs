@@ -1,0 +1,1 @@
+//! Client API for guest programs (work in progress).

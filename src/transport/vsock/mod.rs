@@ -1,0 +1,1 @@
+//! awd as QEMU's vhost-user vsock device (work in progress).
