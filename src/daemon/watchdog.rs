@@ -117,6 +117,11 @@ impl WatchdogTask {
             ChannelEvent::Connected { conn, peer, tx } => {
                 debug!(watchdog = &*self.id, conn, %peer, "channel connection registered");
                 self.conns.insert(conn, tx);
+                if self.role == Role::Client {
+                    // Announce ourselves: a server that expired has stopped pulsing, and
+                    // would otherwise never hear from a new client, nor re-arm.
+                    self.send(conn, self.reply.clone());
+                }
             }
             ChannelEvent::Disconnected { conn, .. } => {
                 // The timer goes on: a disconnect is silence, not input.
@@ -385,6 +390,11 @@ mod tests {
             .await
             .unwrap();
         settle().await;
+        assert_eq!(
+            &rx.try_recv().unwrap()[..],
+            &frame(PULSE_REPLY.as_bytes())[..],
+            "a client announces itself on connect"
+        );
         advance(4000).await;
         h.events
             .send(ChannelEvent::Signal {
