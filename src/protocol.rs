@@ -429,13 +429,18 @@ mod tests {
         );
     }
 
+    /// Cases per property: `PROPTEST_CASES` when set (CI's bounded fuzzing run), else 2000.
+    fn cases() -> u32 {
+        std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000)
+    }
+
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #![proptest_config(ProptestConfig::with_cases(cases()))]
 
         /// Arbitrary bytes in arbitrary chunks: no panic, bounded memory, and the same
         /// messages however the stream is split.
         #[test]
-        fn arbitrary_input_never_panics_and_split_does_not_matter(
+        fn fuzz_decoder_arbitrary_input_split_anywhere(
             data in proptest::collection::vec(any::<u8>(), 0..3 * MAX_LINE),
             cut in 0usize..3 * MAX_LINE,
         ) {
