@@ -108,6 +108,7 @@ pub fn main() -> ExitCode {
             Err(e) => fail(&e),
         },
         Command::Run(args) => {
+            raise_fd_limit();
             let cfg = match args.load() {
                 Ok(cfg) => cfg,
                 Err(e) => return fail(&e),
@@ -120,6 +121,19 @@ pub fn main() -> ExitCode {
                 Err(e) => return fail(&e),
             };
             rt.block_on(run(cfg))
+        }
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit: each channel holds a listener and its
+/// connections, and 1,024 descriptors is a few hundred watchdogs.
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit on this process with a valid, initialised struct.
+    unsafe {
+        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
         }
     }
 }

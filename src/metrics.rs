@@ -1,13 +1,18 @@
-//! Counters shared by the daemon's parts, kept in a Prometheus registry.
+//! Counters shared by the daemon's parts, kept in a Prometheus registry and served over HTTP
+//! (`--metrics ADDR`, OpenMetrics text at `/metrics`).
 //!
 //! Hot paths never look a label set up: each watchdog gets a [`WatchdogMetrics`] with its
-//! counters fetched once, and incrementing one is a single atomic add.
+//! counters fetched once, and incrementing one is a single atomic add. Values that depend on
+//! the time of the scrape (seconds since the last heartbeat) are computed by a collector when
+//! scraped.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -56,6 +61,44 @@ pub struct Metrics {
     status: Family<WatchdogLabels, Gauge>,
     connections: Family<WatchdogLabels, Gauge>,
     pulses: Family<WatchdogLabels, Counter>,
+    live: Arc<LiveWatchdogs>,
+}
+
+/// The watchdogs whose scrape-time values a collector computes.
+#[derive(Debug, Default)]
+struct LiveWatchdogs {
+    by_label: Mutex<BTreeMap<(String, String), Weak<WatchdogMetrics>>>,
+}
+
+impl Collector for LiveWatchdogs {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let now = unix_ms();
+        let map = self.by_label.lock().unwrap_or_else(|e| e.into_inner());
+        let gauge = Family::<WatchdogLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        for ((watchdog, channel), wm) in map.iter() {
+            let Some(wm) = wm.upgrade() else { continue };
+            // Never heard: measured from the watchdog's start.
+            let last = match wm.last_heartbeat_ms.load(Ordering::Relaxed) {
+                0 => wm.started_ms,
+                t => t,
+            };
+            let since = Duration::from_millis(now.saturating_sub(last)).as_secs_f64();
+            gauge
+                .get_or_create(&WatchdogLabels { watchdog: watchdog.clone(), channel: channel.clone() })
+                .set(since);
+        }
+        let metric = encoder.encode_descriptor(
+            "seconds_since_last_heartbeat",
+            "Seconds since the last input on the heartbeat channel (since start if none)",
+            None,
+            gauge.metric_type(),
+        )?;
+        gauge.encode(metric)
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 impl Default for Metrics {
@@ -77,6 +120,7 @@ impl Metrics {
             status: Family::default(),
             connections: Family::default(),
             pulses: Family::default(),
+            live: Arc::default(),
         };
         registry.register(
             "heartbeats",
@@ -109,6 +153,7 @@ impl Metrics {
             "AWD pulses and pulse replies sent",
             m.pulses.clone(),
         );
+        registry.register_collector(Box::new(m.live.clone()));
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
         m
     }
@@ -136,7 +181,7 @@ impl Metrics {
                 })
                 .clone()
         };
-        Arc::new(WatchdogMetrics {
+        let wm = Arc::new(WatchdogMetrics {
             heartbeats: self.heartbeats.get_or_create(&l).clone(),
             rejected,
             expiries: self.expiries.get_or_create(&l).clone(),
@@ -146,7 +191,45 @@ impl Metrics {
             connections: self.connections.get_or_create(&l).clone(),
             pulses: self.pulses.get_or_create(&l).clone(),
             last_heartbeat_ms: AtomicU64::new(0),
-        })
+            started_ms: unix_ms(),
+        });
+        self.live
+            .by_label
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((watchdog.into(), channel.into()), Arc::downgrade(&wm));
+        wm
+    }
+
+    /// Drops every series of a watchdog that no longer exists (after a reload).
+    pub fn remove_watchdog(&self, watchdog: &str, channel: &str) {
+        let l = WatchdogLabels { watchdog: watchdog.into(), channel: channel.into() };
+        for f in [&self.heartbeats, &self.expiries, &self.pulses] {
+            f.remove(&l);
+        }
+        for f in [&self.status, &self.connections] {
+            f.remove(&l);
+        }
+        for r in Rejection::ALL {
+            self.rejected.remove(&RejectLabels {
+                watchdog: watchdog.into(),
+                channel: channel.into(),
+                reason: r.as_str().into(),
+            });
+        }
+        for result in ["sent", "failed"] {
+            self.actions.remove(&ActionLabels { watchdog: watchdog.into(), result: result.into() });
+        }
+        self.live
+            .by_label
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(watchdog.to_owned(), channel.to_owned()));
+    }
+
+    /// Registers further metrics (the vsock devices') in the same registry.
+    pub fn register_collector(&self, c: Box<dyn Collector>) {
+        self.registry.lock().unwrap_or_else(|e| e.into_inner()).register_collector(c);
     }
 
     /// Renders the Prometheus text exposition.
@@ -180,6 +263,8 @@ pub struct WatchdogMetrics {
     pub pulses: Counter,
     /// Wall-clock time of the last heartbeat, ms since the Unix epoch (0: never).
     pub last_heartbeat_ms: AtomicU64,
+    /// Wall-clock time the watchdog started, ms since the Unix epoch.
+    pub started_ms: u64,
 }
 
 impl WatchdogMetrics {
@@ -208,5 +293,101 @@ impl WatchdogMetrics {
     pub fn rejected_count(&self, r: Rejection) -> u64 {
         let i = Rejection::ALL.iter().position(|x| *x == r).unwrap_or(0);
         self.rejected[i].get()
+    }
+}
+
+/// Why the metrics endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot serve metrics on {addr}")]
+pub struct HttpError {
+    /// The address.
+    pub addr: String,
+    /// Why.
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Binds the metrics endpoint (at startup, so an address in use is a startup error).
+pub async fn bind_http(addr: &str) -> Result<tokio::net::TcpListener, HttpError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| HttpError { addr: addr.to_owned(), source })
+}
+
+/// Serves `GET /metrics` (OpenMetrics text) until `shutdown`; anything else is 404.
+pub async fn serve_http(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    use hyper::{Response, StatusCode, header};
+
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => match a {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!("metrics accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let metrics = metrics.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let metrics = metrics.clone();
+                async move {
+                    let resp = if req.method() == hyper::Method::GET && req.uri().path() == "/metrics" {
+                        Response::builder()
+                            .header(
+                                header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )
+                            .body(Full::new(Bytes::from(metrics.encode())))
+                    } else {
+                        Response::builder()
+                            .status(StatusCode::NOT_FOUND)
+                            .body(Full::new(Bytes::from_static(b"awd serves /metrics\n")))
+                    };
+                    resp.map_err(std::io::Error::other)
+                }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::select! {
+                _ = conn => {}
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exposition_names_every_family_and_the_scrape_time_gauge() {
+        let m = Metrics::new();
+        let w = m.watchdog("vm1", "hb");
+        w.heard(3);
+        w.reject(Rejection::InvalidUtf8);
+        let text = m.encode();
+        for needle in [
+            "awd_heartbeats_total{watchdog=\"vm1\",channel=\"hb\"} 3",
+            "awd_rejected_inputs_total{watchdog=\"vm1\",channel=\"hb\",reason=\"invalid_utf8\"} 1",
+            "awd_seconds_since_last_heartbeat{watchdog=\"vm1\",channel=\"hb\"}",
+            "awd_status{watchdog=\"vm1\",channel=\"hb\"} 0",
+            "# EOF",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in\n{text}");
+        }
+        m.remove_watchdog("vm1", "hb");
+        assert!(!m.encode().contains("vm1"), "removed watchdogs leave no series");
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod file;
 pub mod seed;
+pub mod supervision;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -16,6 +17,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::action::script::{Script, ScriptError};
+use crate::engine::EngineSpec;
 
 /// Why a configuration was refused. Each message is one line and names the offending key or file.
 #[derive(Debug, thiserror::Error)]
@@ -172,6 +174,30 @@ pub struct RawWatchdog {
     pub grace: Option<u64>,
     /// Accepted for compatibility and ignored.
     pub iothread: Option<String>,
+    /// Conditions the plain timeout is linked to (TOML only).
+    #[serde(default)]
+    pub conditions: Vec<String>,
+    /// The shortest timeout `WATCHDOG_USEC=` may set, in milliseconds (TOML only).
+    pub timeout_min: Option<u64>,
+    /// The longest timeout `WATCHDOG_USEC=` may set, in milliseconds (TOML only).
+    pub timeout_max: Option<u64>,
+    /// Milliseconds EXPIRED before the watchdog is STOPPED (TOML only).
+    pub expired_tolerance: Option<u64>,
+    /// Conditions the guest sets, with their initial values (TOML only).
+    #[serde(default)]
+    pub guest_conditions: BTreeMap<String, bool>,
+    /// Conditions the operator sets, with their initial values (TOML only).
+    #[serde(default)]
+    pub operator_conditions: BTreeMap<String, bool>,
+    /// Alive supervisions (TOML only).
+    #[serde(default)]
+    pub alive: Vec<supervision::RawAlive>,
+    /// Deadline supervisions (TOML only).
+    #[serde(default)]
+    pub deadline: Vec<supervision::RawDeadline>,
+    /// Logical supervisions (TOML only).
+    #[serde(default)]
+    pub logical: Vec<supervision::RawLogical>,
     /// Where it came from, for error messages.
     #[serde(skip)]
     pub origin: String,
@@ -179,6 +205,10 @@ pub struct RawWatchdog {
 
 /// What one `--object` argument describes.
 #[derive(Debug, Clone)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "a handful of records, parsed once at startup"
+)]
 pub enum RawObject {
     /// An advanced-watchdog.
     Watchdog(RawWatchdog),
@@ -313,6 +343,8 @@ pub struct WatchdogConfig {
     pub timeout: Duration,
     /// The first deadline, if longer than `timeout`.
     pub grace: Option<Duration>,
+    /// Every supervision of the watchdog, validated; the plain timeout repeats `timeout`.
+    pub engine: EngineSpec,
 }
 
 /// The whole validated configuration.
@@ -728,6 +760,8 @@ fn build_watchdog(
             "pulse_interval= needs server=on: the client side answers pulses instead",
         ));
     }
+    let engine = supervision::engine_spec(w, ms(timeout), w.grace.map(ms))
+        .map_err(|e| ConfigError::invalid(&o, e.to_string()))?;
     Ok(WatchdogConfig {
         id: w.id.clone(),
         role,
@@ -738,6 +772,7 @@ fn build_watchdog(
         pulse_interval: w.pulse_interval.map(ms),
         timeout: ms(timeout),
         grace: w.grace.map(ms),
+        engine,
     })
 }
 
@@ -772,6 +807,7 @@ impl fmt::Display for Config {
                     w.script, w.script_origin
                 )?;
             }
+            write!(f, "{}", supervision::Summary(&w.engine))?;
         }
         Ok(())
     }

@@ -13,14 +13,14 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, trace, warn};
 
 use crate::action::script::Script;
 use crate::action::{Job, RunnerHandle};
 use crate::config::{Role, WatchdogConfig};
-use crate::engine::{EngineSpec, GlobalStatus, Transition, WatchdogEngine};
+use crate::engine::{Change, Event, GlobalStatus, Scope, Setter, WatchdogEngine};
 use crate::metrics::WatchdogMetrics;
-use crate::protocol::{Message, PULSE, PULSE_REPLY, frame};
+use crate::protocol::{PULSE, PULSE_REPLY, frame};
 use crate::transport::{ChannelEvent, ConnId, ConnWriter, Signal, TryWriteError};
 
 /// The engine's clock: tokio's (so tests can pause it), as the std type the engine takes.
@@ -51,13 +51,8 @@ impl WatchdogTask {
         metrics: Arc<WatchdogMetrics>,
         runner: Option<RunnerHandle>,
     ) -> Self {
-        let engine = WatchdogEngine::new(
-            &EngineSpec {
-                timeout: cfg.timeout,
-                grace: cfg.grace,
-            },
-            now(),
-        );
+        let engine = WatchdogEngine::new(&cfg.engine, now())
+            .expect("Config::build validated the engine spec");
         metrics.set_status(engine.status());
         WatchdogTask {
             id: cfg.id.as_str().into(),
@@ -94,7 +89,11 @@ impl WatchdogTask {
         );
         loop {
             let deadline = self.engine.next_deadline().map(Instant::from_std);
-            let pulsing = pulses.is_some() && self.engine.status() != GlobalStatus::Expired;
+            let pulsing = pulses.is_some()
+                && !matches!(
+                    self.engine.status(),
+                    GlobalStatus::Expired | GlobalStatus::Stopped
+                );
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -103,8 +102,8 @@ impl WatchdogTask {
                     None => break,
                 },
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                    let t = self.engine.poll(now());
-                    self.apply(t);
+                    let c = self.engine.poll(now());
+                    self.apply(c);
                 }
                 _ = async { pulses.as_mut().expect("guarded").tick().await }, if pulsing => self.send_pulses(),
             }
@@ -127,45 +126,65 @@ impl WatchdogTask {
                 // The timer goes on: a disconnect is silence, not input.
                 self.conns.remove(&conn);
             }
-            ChannelEvent::Heartbeats { count, .. } => {
+            ChannelEvent::Heartbeats { conn, count } => {
+                trace!(watchdog = &*self.id, conn, count, "heartbeat");
                 self.metrics.heard(u64::from(count));
-                let t = self.engine.heartbeat(now());
-                self.apply(t);
+                let o = self.engine.handle(Event::Heartbeat, now());
+                self.apply(o.changes);
             }
             ChannelEvent::Signal { conn, signal } => {
                 self.metrics.heard(1);
                 let at = now();
-                let t = match &signal {
-                    Signal::Trigger => self.engine.on_message(&Message::Trigger, at),
+                let o = match &signal {
+                    Signal::Trigger => self.engine.handle(Event::Trigger, at),
                     Signal::SetTimeout(d) => {
                         info!(
                             watchdog = &*self.id,
                             timeout_ms = d.as_millis() as u64,
                             "peer set the timeout"
                         );
-                        self.engine.on_message(&Message::SetTimeout(*d), at)
+                        self.engine.handle(Event::SetTimeout(*d), at)
                     }
                     Signal::Status(text) => {
                         info!(watchdog = &*self.id, conn, status = &**text, "peer status");
-                        self.engine.heartbeat(at)
+                        self.engine.handle(Event::Heartbeat, at)
                     }
                     Signal::Pulse => {
                         if self.role == Role::Client {
                             self.send(conn, self.reply.clone());
                         }
-                        self.engine.heartbeat(at)
+                        self.engine.handle(Event::Heartbeat, at)
                     }
-                    Signal::PulseReply | Signal::Checkpoint(_) | Signal::Condition(..) => {
-                        self.engine.heartbeat(at)
-                    }
+                    Signal::PulseReply => self.engine.handle(Event::Heartbeat, at),
+                    Signal::Checkpoint(c) => self.engine.handle(Event::Checkpoint(c), at),
+                    Signal::Condition(c, v) => self.engine.handle(
+                        Event::Condition {
+                            name: c,
+                            value: *v,
+                            by: Setter::Guest,
+                        },
+                        at,
+                    ),
                 };
-                self.apply(t);
+                if let Some(why) = &o.rejected {
+                    warn!(watchdog = &*self.id, conn, reason = %why, "input refused");
+                }
+                self.apply(o.changes);
             }
         }
     }
 
-    fn apply(&mut self, t: Option<Transition>) {
-        let Some(t) = t else { return };
+    fn apply(&mut self, changes: Vec<Change>) {
+        for t in changes {
+            if let Scope::Supervision(name) = &t.scope {
+                info!(watchdog = &*self.id, supervision = &**name, from = %t.from, to = %t.to, reason = %t.reason, "supervision status changed");
+                continue;
+            }
+            self.apply_global(t);
+        }
+    }
+
+    fn apply_global(&mut self, t: Change) {
         self.metrics.set_status(t.to);
         match t.to {
             GlobalStatus::Expired => {
@@ -222,6 +241,7 @@ mod tests {
     use crate::action::Runner;
     use crate::action::script::Script;
     use crate::config::{Endpoint, SocketChardev};
+    use crate::engine::EngineSpec;
     use crate::metrics::Metrics;
 
     struct Harness {
@@ -244,6 +264,10 @@ mod tests {
             pulse_interval: pulse_ms.map(Duration::from_millis),
             timeout: Duration::from_millis(timeout_ms),
             grace: grace_ms.map(Duration::from_millis),
+            engine: EngineSpec {
+                grace: grace_ms.map(Duration::from_millis),
+                ..EngineSpec::plain(Duration::from_millis(timeout_ms))
+            },
         };
         let (events, rx) = mpsc::channel(16);
         let metrics = Metrics::new().watchdog("w", "n");

@@ -1,109 +1,176 @@
 //! The seed's plain timeout: any input refreshes a timer; silence past `timeout` expires it.
+//!
+//! * The timer is armed when the supervision starts, so a peer that never speaks is caught too.
+//!   The first deadline is `grace` after the start (default: `timeout`), which covers a slow
+//!   guest boot; grace applies again on a restart (condition true again, re-enabled) only if
+//!   nothing has been heard yet.
+//! * `WATCHDOG=trigger` expires it at once: the peer's own failure notification.
+//! * `WATCHDOG_USEC=` sets a new timeout within [`TimeoutSpec::bounds`]; outside them the
+//!   request is refused with a reason and nothing changes, though the line still counts as
+//!   input.
+//! * **Recovery:** once expired it has no deadline and stays expired until the next input,
+//!   which re-arms it with a full timeout.
 
 use std::time::{Duration, Instant};
 
-/// What a [`TimeoutSupervision`] reports when its state changes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TimeoutChange {
-    /// The deadline passed with no input. `silent_for` is measured from the last input, or from
-    /// the start when nothing ever arrived.
-    Expired {
-        /// How long the channel had been silent when the expiry was noticed.
-        silent_for: Duration,
-        /// Whether any input had ever arrived.
-        ever_heard: bool,
-    },
-    /// Input arrived after an expiry: the timer runs again.
-    Rearmed,
-}
+use super::spec::{TimeRange, TimeoutSpec, ms};
+use super::status::{Horizon, LocalChange, SupervisionStatus, add};
 
 /// A timer that input refreshes and silence expires. Pure: time comes in as an argument.
-///
-/// The timer is armed at creation, so a peer that never connects is caught too. The first
-/// deadline is `grace` after creation (default: `timeout`), which covers a slow guest boot. After
-/// an expiry the supervision stays expired, with no deadline, until input re-arms it.
 #[derive(Debug, Clone)]
-pub struct TimeoutSupervision {
+pub(crate) struct TimeoutSupervision {
     timeout: Duration,
-    started: Instant,
+    grace: Option<Duration>,
+    bounds: TimeRange,
+    /// When the timer was last (re)started without input: start, condition, enable.
+    armed_at: Instant,
     last_input: Option<Instant>,
-    deadline: Instant,
-    expired: bool,
+    /// `None` while expired.
+    deadline: Option<Instant>,
+    status: SupervisionStatus,
 }
 
 impl TimeoutSupervision {
-    /// Arms a timer at `now`, first due after `grace` (or `timeout` when `None`).
-    pub fn new(timeout: Duration, grace: Option<Duration>, now: Instant) -> Self {
-        TimeoutSupervision {
-            timeout,
-            started: now,
+    /// A timer armed at `now`, first due after `grace` (or the timeout when `None`).
+    pub fn new(spec: &TimeoutSpec, grace: Option<Duration>, now: Instant) -> Self {
+        let mut s = TimeoutSupervision {
+            timeout: spec.timeout,
+            grace,
+            bounds: spec.bounds(),
+            armed_at: now,
             last_input: None,
-            deadline: now + grace.unwrap_or(timeout),
-            expired: false,
-        }
+            deadline: None,
+            status: SupervisionStatus::Ok,
+        };
+        s.restart(now);
+        s
     }
 
-    /// The configured timeout.
+    /// OK or EXPIRED.
+    pub fn status(&self) -> SupervisionStatus {
+        self.status
+    }
+
+    /// The current timeout (changed by `WATCHDOG_USEC=`).
     pub fn timeout(&self) -> Duration {
         self.timeout
     }
 
-    /// Changes the timeout (a guest's `WATCHDOG_USEC=`). The running deadline moves with it,
-    /// measured from the last input.
-    pub fn set_timeout(&mut self, timeout: Duration, now: Instant) {
-        self.timeout = timeout;
-        if !self.expired {
-            let from = self.last_input.unwrap_or(now);
-            self.deadline = from + timeout;
-        }
+    /// The accepted `WATCHDOG_USEC=` range.
+    pub fn bounds(&self) -> TimeRange {
+        self.bounds
     }
 
-    /// Records input at `now`: pushes the deadline to `now + timeout`.
-    pub fn input(&mut self, now: Instant) -> Option<TimeoutChange> {
-        self.last_input = Some(now);
-        self.deadline = now + self.timeout;
-        if self.expired {
-            self.expired = false;
-            Some(TimeoutChange::Rearmed)
-        } else {
-            None
-        }
+    /// The grace for the first deadline.
+    pub fn grace(&self) -> Option<Duration> {
+        self.grace
     }
 
-    /// Restarts the timer at `now` with a full timeout, without counting it as input (a
-    /// condition became true again, or the supervision was re-enabled).
-    pub fn restart(&mut self, now: Instant) {
-        self.deadline = now + self.timeout;
-        self.expired = false;
-    }
-
-    /// Checks the deadline against `now`. Reports an expiry once; later polls return `None`
-    /// until input re-arms the timer.
-    pub fn poll(&mut self, now: Instant) -> Option<TimeoutChange> {
-        if self.expired || now < self.deadline {
-            return None;
-        }
-        self.expired = true;
-        let since = self.last_input.unwrap_or(self.started);
-        Some(TimeoutChange::Expired {
-            silent_for: now.saturating_duration_since(since),
-            ever_heard: self.last_input.is_some(),
-        })
-    }
-
-    /// When [`poll`](Self::poll) will next report something, or `None` while expired.
+    /// When it expires unless input arrives; `None` while expired.
     pub fn deadline(&self) -> Option<Instant> {
-        (!self.expired).then_some(self.deadline)
+        self.deadline
     }
 
-    /// Whether the timer has expired and not been re-armed.
-    pub fn is_expired(&self) -> bool {
-        self.expired
-    }
-
-    /// The time of the last input, if any arrived.
+    /// The last input, if any ever arrived.
     pub fn last_input(&self) -> Option<Instant> {
         self.last_input
+    }
+
+    /// (Re)starts the timer at `now` without counting it as input: the supervision started,
+    /// a condition became true again, or it was re-enabled.
+    pub fn restart(&mut self, now: Instant) {
+        let first = match self.last_input {
+            Some(_) => self.timeout,
+            None => self.grace.unwrap_or(self.timeout),
+        };
+        self.armed_at = now;
+        self.deadline = Some(add(now, first));
+        self.status = SupervisionStatus::Ok;
+    }
+
+    /// Notes input at `now` while the supervision is not running (for the snapshot and grace).
+    pub fn note_input(&mut self, now: Instant) {
+        self.last_input = Some(now);
+    }
+
+    /// Input at `now`: pushes the deadline to `now + timeout`, and re-arms after an expiry.
+    pub fn input(&mut self, now: Instant, out: &mut Vec<LocalChange>) {
+        let silent = now.saturating_duration_since(self.silent_since());
+        self.last_input = Some(now);
+        self.deadline = Some(add(now, self.timeout));
+        if self.status == SupervisionStatus::Expired {
+            self.status = SupervisionStatus::Ok;
+            out.push(LocalChange {
+                at: now,
+                from: SupervisionStatus::Expired,
+                to: SupervisionStatus::Ok,
+                reason: format!("input arrived again after {} ms", ms(silent)),
+            });
+        }
+    }
+
+    /// `WATCHDOG=trigger` at `now`: the peer reports its own failure; expire at once.
+    pub fn trigger(&mut self, now: Instant, out: &mut Vec<LocalChange>) {
+        self.last_input = Some(now);
+        self.deadline = None;
+        if self.status != SupervisionStatus::Expired {
+            out.push(LocalChange {
+                at: now,
+                from: self.status,
+                to: SupervisionStatus::Expired,
+                reason: "the peer reported a failure (WATCHDOG=trigger)".into(),
+            });
+            self.status = SupervisionStatus::Expired;
+        }
+    }
+
+    /// `WATCHDOG_USEC=`: takes `timeout` if it lies within the bounds, else says why not. The
+    /// caller counts the line as input afterwards either way.
+    pub fn set_timeout(&mut self, timeout: Duration) -> Result<(), String> {
+        if self.bounds.contains(timeout) {
+            self.timeout = timeout;
+            Ok(())
+        } else {
+            Err(format!(
+                "WATCHDOG_USEC={} refused: the timeout must lie within {} (it stays {} ms)",
+                timeout.as_micros(),
+                self.bounds,
+                ms(self.timeout)
+            ))
+        }
+    }
+
+    /// Expires the timer if its deadline is due within `h`.
+    pub fn settle(&mut self, h: Horizon, out: &mut Vec<LocalChange>) {
+        let Some(d) = self.deadline.filter(|d| h.covers(*d)) else {
+            return;
+        };
+        let silent = d.saturating_duration_since(self.silent_since());
+        let reason = match self.last_input {
+            Some(_) => format!(
+                "silent for {} ms, timeout {} ms",
+                ms(silent),
+                ms(self.timeout)
+            ),
+            None => format!("nothing received in the {} ms since start", ms(silent)),
+        };
+        self.deadline = None;
+        self.status = SupervisionStatus::Expired;
+        out.push(LocalChange {
+            at: d,
+            from: SupervisionStatus::Ok,
+            to: SupervisionStatus::Expired,
+            reason,
+        });
+    }
+
+    /// Silence is measured from the last input, or from the last restart if that is later
+    /// (time spent paused is not silence).
+    fn silent_since(&self) -> Instant {
+        match self.last_input {
+            Some(t) if t > self.armed_at => t,
+            _ => self.armed_at,
+        }
     }
 }
 
@@ -117,67 +184,86 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    fn incl(t: Instant) -> Horizon {
+        Horizon {
+            until: t,
+            inclusive: true,
+        }
+    }
+
+    fn sup(grace: Option<Duration>, t0: Instant) -> TimeoutSupervision {
+        TimeoutSupervision::new(&TimeoutSpec::new(T), grace, t0)
+    }
+
     #[test]
     fn armed_at_start_catches_a_peer_that_never_speaks() {
         let t0 = Instant::now();
-        let mut s = TimeoutSupervision::new(T, None, t0);
+        let mut s = sup(None, t0);
+        let mut out = Vec::new();
         assert_eq!(s.deadline(), Some(t0 + T));
-        assert_eq!(s.poll(t0 + ms(4999)), None);
-        assert_eq!(
-            s.poll(t0 + T),
-            Some(TimeoutChange::Expired {
-                silent_for: T,
-                ever_heard: false
-            })
+        s.settle(incl(t0 + ms(4999)), &mut out);
+        assert!(out.is_empty());
+        s.settle(incl(t0 + T), &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].at, t0 + T);
+        assert!(
+            out[0].reason.contains("nothing received in the 5000 ms"),
+            "{}",
+            out[0].reason
         );
     }
 
     #[test]
-    fn input_refreshes_and_expiry_fires_once() {
+    fn input_refreshes_expiry_fires_once_and_input_rearms() {
         let t0 = Instant::now();
-        let mut s = TimeoutSupervision::new(T, None, t0);
-        assert_eq!(s.input(t0 + ms(3000)), None);
-        assert_eq!(s.poll(t0 + ms(7999)), None);
-        assert_eq!(
-            s.poll(t0 + ms(8000)),
-            Some(TimeoutChange::Expired {
-                silent_for: T,
-                ever_heard: true
-            })
-        );
-        assert_eq!(s.poll(t0 + ms(20000)), None, "fires once");
+        let mut s = sup(None, t0);
+        let mut out = Vec::new();
+        s.input(t0 + ms(3000), &mut out);
+        s.settle(incl(t0 + ms(7999)), &mut out);
+        assert!(out.is_empty());
+        s.settle(incl(t0 + ms(20_000)), &mut out);
+        assert_eq!(out.len(), 1, "fires once");
+        assert_eq!(out[0].at, t0 + ms(8000), "stamped at the deadline");
+        assert!(out[0].reason.contains("silent for 5000 ms"));
+        s.settle(incl(t0 + ms(30_000)), &mut out);
+        assert_eq!(out.len(), 1);
         assert_eq!(s.deadline(), None);
+        s.input(t0 + ms(31_000), &mut out);
+        assert_eq!(out[1].to, SupervisionStatus::Ok);
+        assert_eq!(s.deadline(), Some(t0 + ms(36_000)));
     }
 
     #[test]
-    fn input_after_expiry_rearms() {
+    fn grace_covers_the_first_input_only_and_returns_on_restart_while_unheard() {
         let t0 = Instant::now();
-        let mut s = TimeoutSupervision::new(T, None, t0);
-        assert!(s.poll(t0 + T).is_some());
-        assert_eq!(s.input(t0 + ms(9000)), Some(TimeoutChange::Rearmed));
-        assert_eq!(s.deadline(), Some(t0 + ms(14000)));
-        assert!(s.poll(t0 + ms(14000)).is_some(), "fires again after re-arm");
+        let mut s = sup(Some(ms(30_000)), t0);
+        assert_eq!(s.deadline(), Some(t0 + ms(30_000)));
+        s.restart(t0 + ms(1000));
+        assert_eq!(s.deadline(), Some(t0 + ms(31_000)), "nothing heard yet");
+        s.input(t0 + ms(20_000), &mut Vec::new());
+        assert_eq!(s.deadline(), Some(t0 + ms(25_000)));
+        s.restart(t0 + ms(40_000));
+        assert_eq!(s.deadline(), Some(t0 + ms(45_000)), "heard: plain timeout");
     }
 
     #[test]
-    fn grace_covers_the_first_heartbeat_only() {
+    fn set_timeout_respects_bounds_inclusively() {
         let t0 = Instant::now();
-        let mut s = TimeoutSupervision::new(T, Some(ms(30000)), t0);
-        assert_eq!(s.poll(t0 + ms(29999)), None);
-        s.input(t0 + ms(20000));
-        assert_eq!(
-            s.deadline(),
-            Some(t0 + ms(25000)),
-            "after the first input, plain timeout"
-        );
-    }
-
-    #[test]
-    fn set_timeout_moves_the_running_deadline() {
-        let t0 = Instant::now();
-        let mut s = TimeoutSupervision::new(T, None, t0);
-        s.input(t0 + ms(1000));
-        s.set_timeout(ms(2000), t0 + ms(1500));
-        assert_eq!(s.deadline(), Some(t0 + ms(3000)));
+        let spec = TimeoutSpec {
+            min: Some(ms(1000)),
+            max: Some(ms(60_000)),
+            ..TimeoutSpec::new(T)
+        };
+        let mut s = TimeoutSupervision::new(&spec, None, t0);
+        assert!(s.set_timeout(ms(1000)).is_ok());
+        assert!(s.set_timeout(ms(60_000)).is_ok());
+        let err = s.set_timeout(ms(60_001)).unwrap_err();
+        assert!(err.contains("1000..=60000 ms"), "{err}");
+        assert!(err.contains("it stays 60000 ms"), "{err}");
+        assert!(s.set_timeout(ms(999)).is_err());
+        assert_eq!(s.timeout(), ms(60_000));
+        let mut unbounded = sup(None, t0);
+        assert!(unbounded.set_timeout(ms(10)).is_ok(), "shortening is fine");
+        assert!(unbounded.set_timeout(ms(5001)).is_err(), "loosening is not");
     }
 }
