@@ -19,7 +19,10 @@ const MEASURE: Duration = Duration::from_secs(20);
 fn raise_nofile() {
     // SAFETY: getrlimit/setrlimit on our own process with a valid struct.
     unsafe {
-        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
             r.rlim_cur = r.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &r);
@@ -47,8 +50,12 @@ fn main() {
     raise_nofile();
     let dir = tempfile::tempdir().expect("tempdir");
     let ports: Vec<u16> = {
-        let ls: Vec<TcpListener> = (0..CHANNELS).map(|_| TcpListener::bind("127.0.0.1:0").expect("port")).collect();
-        ls.iter().map(|l| l.local_addr().expect("addr").port()).collect()
+        let ls: Vec<TcpListener> = (0..CHANNELS)
+            .map(|_| TcpListener::bind("127.0.0.1:0").expect("port"))
+            .collect();
+        ls.iter()
+            .map(|l| l.local_addr().expect("addr").port())
+            .collect()
     };
     let mut toml = String::new();
     for (i, port) in ports.iter().enumerate() {
@@ -62,7 +69,7 @@ fn main() {
     let mut awd = Command::new(env!("CARGO_BIN_EXE_awd"))
         .args(["run", "--config"])
         .arg(&cfg)
-        .env("AWD_LOG", "warn")
+        .env("AWD_LOG", "off")
         .stderr(Stdio::piped())
         .spawn()
         .expect("start awd");
@@ -70,11 +77,15 @@ fn main() {
     let start = Instant::now();
     let mut conns: Vec<TcpStream> = ports
         .iter()
-        .map(|p| loop {
-            match TcpStream::connect(("127.0.0.1", *p)) {
-                Ok(s) => break s,
-                Err(_) if start.elapsed() < Duration::from_secs(30) => std::thread::sleep(Duration::from_millis(20)),
-                Err(e) => panic!("connect {p}: {e}"),
+        .map(|p| {
+            loop {
+                match TcpStream::connect(("127.0.0.1", *p)) {
+                    Ok(s) => break s,
+                    Err(_) if start.elapsed() < Duration::from_secs(30) => {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
+                    Err(e) => panic!("connect {p}: {e}"),
+                }
             }
         })
         .collect();
@@ -113,5 +124,8 @@ fn main() {
         rss as f64 / 1024.0,
         hwm as f64 / 1024.0
     );
-    assert_eq!(expired, 0, "no watchdog may expire while its heartbeats flow");
+    assert_eq!(
+        expired, 0,
+        "no watchdog may expire while its heartbeats flow"
+    );
 }

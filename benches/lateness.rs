@@ -20,7 +20,10 @@ fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let notify = UnixListener::bind(d.join("notify.sock")).expect("bind notify");
-    let mut toml = format!("[chardev.notify]\npath = \"{}\"\n", d.join("notify.sock").display());
+    let mut toml = format!(
+        "[chardev.notify]\npath = \"{}\"\n",
+        d.join("notify.sock").display()
+    );
     for i in 0..WATCHDOGS {
         toml.push_str(&format!(
             "[chardev.hb{i}]\npath = \"{}\"\nserver = true\n[watchdog.w{i}]\nawd_node = \"hb{i}\"\n\
@@ -32,13 +35,15 @@ fn main() {
     let mut awd = Command::new(env!("CARGO_BIN_EXE_awd"))
         .args(["run", "--config"])
         .arg(d.join("awd.toml"))
-        .env("AWD_LOG", "warn")
+        .env("AWD_LOG", "off")
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start awd");
     // The runner connects at startup; a raw socket is recognised after its 1 s greeting wait.
     notify.set_nonblocking(false).expect("blocking");
-    let (conn, _) = notify.accept().expect("awd connects to the notification socket");
+    let (conn, _) = notify
+        .accept()
+        .expect("awd connects to the notification socket");
     let mut lines = BufReader::new(conn);
     let mut hb: Vec<UnixStream> = (0..WATCHDOGS)
         .map(|i| {
@@ -68,7 +73,11 @@ fn main() {
             let mut line = String::new();
             lines.read_line(&mut line).expect("action line");
             let at = Instant::now();
-            let i: usize = line.trim().trim_start_matches("expired w").parse().expect("watchdog index");
+            let i: usize = line
+                .trim()
+                .trim_start_matches("expired w")
+                .parse()
+                .expect("watchdog index");
             late.push(at.saturating_duration_since(deadline[i]));
         }
     }

@@ -16,10 +16,11 @@
 //! | [`agent`] | the guest agent behind the `awd-agent` binary |
 //! | [`client`] | the health-monitoring API for guest programs |
 //! | `config` | one validated model from the seed's `-chardev`/`-object` syntax or TOML |
-//! | `transport` | heartbeat channels: TCP/Unix sockets (server or client with reconnect) |
+//! | `transport` | heartbeat channels: TCP/Unix sockets (server or client with reconnect), and awd's own vhost-user vsock device |
 //! | `action` | what runs on expiry: typed QMP through `qapi`, HMP lines, raw notification lines |
 //! | `daemon` | wiring: one task per watchdog, transports feeding it, action runners behind it |
 //! | `metrics` | counters shared by the daemon's parts, exposed for Prometheus |
+//! | `control` | the control socket behind `awd status`, `enable`, `disable`, `condition` |
 //! | `cli` | the `awd` command line |
 
 pub mod agent;
@@ -33,6 +34,8 @@ pub mod action;
 pub mod cli;
 #[cfg(feature = "daemon")]
 pub mod config;
+#[cfg(feature = "daemon")]
+pub mod control;
 #[cfg(feature = "daemon")]
 pub mod daemon;
 #[cfg(feature = "daemon")]

@@ -62,6 +62,114 @@ pub struct Metrics {
     connections: Family<WatchdogLabels, Gauge>,
     pulses: Family<WatchdogLabels, Counter>,
     live: Arc<LiveWatchdogs>,
+    vsock: Arc<VsockDevices>,
+}
+
+/// The vhost-user vsock devices whose counters are exported at each scrape.
+#[derive(Debug, Default)]
+struct VsockDevices {
+    by_path: Mutex<BTreeMap<String, Arc<crate::transport::vsock::VsockCounters>>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeviceLabels {
+    device: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeviceDirLabels {
+    device: String,
+    direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeviceReasonLabels {
+    device: String,
+    reason: String,
+}
+
+impl Collector for VsockDevices {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use crate::transport::vsock::Malformed;
+        let map = self.by_path.lock().unwrap_or_else(|e| e.into_inner());
+        let connections = Family::<DeviceLabels, Counter>::default();
+        let open = Family::<DeviceLabels, Gauge>::default();
+        let refused = Family::<DeviceLabels, Counter>::default();
+        let packets = Family::<DeviceDirLabels, Counter>::default();
+        let resets = Family::<DeviceLabels, Counter>::default();
+        let malformed = Family::<DeviceReasonLabels, Counter>::default();
+        for (path, c) in map.iter() {
+            let st = c.snapshot();
+            let d = DeviceLabels {
+                device: path.clone(),
+            };
+            connections.get_or_create(&d).inc_by(st.connections_opened);
+            open.get_or_create(&d).set(st.connections_open as i64);
+            refused.get_or_create(&d).inc_by(st.connections_refused);
+            resets.get_or_create(&d).inc_by(st.resets_sent);
+            for (dir, n) in [
+                ("from_guest", st.packets_from_guest),
+                ("to_guest", st.packets_to_guest),
+            ] {
+                packets
+                    .get_or_create(&DeviceDirLabels {
+                        device: path.clone(),
+                        direction: dir.into(),
+                    })
+                    .inc_by(n);
+            }
+            for r in Malformed::ALL {
+                malformed
+                    .get_or_create(&DeviceReasonLabels {
+                        device: path.clone(),
+                        reason: r.as_str().into(),
+                    })
+                    .inc_by(st.malformed(r));
+            }
+        }
+        let m = encoder.encode_descriptor(
+            "vsock_connections",
+            "Guest vsock connections accepted",
+            None,
+            connections.metric_type(),
+        )?;
+        connections.encode(m)?;
+        let m = encoder.encode_descriptor(
+            "vsock_connections_open",
+            "Guest vsock connections open",
+            None,
+            open.metric_type(),
+        )?;
+        open.encode(m)?;
+        let m = encoder.encode_descriptor(
+            "vsock_connections_refused",
+            "Guest connection requests answered with a reset",
+            None,
+            refused.metric_type(),
+        )?;
+        refused.encode(m)?;
+        let m = encoder.encode_descriptor(
+            "vsock_packets",
+            "Packets on the virtqueues",
+            None,
+            packets.metric_type(),
+        )?;
+        packets.encode(m)?;
+        let m = encoder.encode_descriptor(
+            "vsock_resets",
+            "OP_RST packets sent to the guest",
+            None,
+            resets.metric_type(),
+        )?;
+        resets.encode(m)?;
+        let m = encoder.encode_descriptor(
+            "vsock_malformed",
+            "Malformed guest input, by reason",
+            None,
+            malformed.metric_type(),
+        )?;
+        malformed.encode(m)
+    }
 }
 
 /// The watchdogs whose scrape-time values a collector computes.
@@ -84,7 +192,10 @@ impl Collector for LiveWatchdogs {
             };
             let since = Duration::from_millis(now.saturating_sub(last)).as_secs_f64();
             gauge
-                .get_or_create(&WatchdogLabels { watchdog: watchdog.clone(), channel: channel.clone() })
+                .get_or_create(&WatchdogLabels {
+                    watchdog: watchdog.clone(),
+                    channel: channel.clone(),
+                })
                 .set(since);
         }
         let metric = encoder.encode_descriptor(
@@ -98,7 +209,10 @@ impl Collector for LiveWatchdogs {
 }
 
 fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl Default for Metrics {
@@ -121,6 +235,7 @@ impl Metrics {
             connections: Family::default(),
             pulses: Family::default(),
             live: Arc::default(),
+            vsock: Arc::default(),
         };
         registry.register(
             "heartbeats",
@@ -154,6 +269,7 @@ impl Metrics {
             m.pulses.clone(),
         );
         registry.register_collector(Box::new(m.live.clone()));
+        registry.register_collector(Box::new(m.vsock.clone()));
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
         m
     }
@@ -203,7 +319,10 @@ impl Metrics {
 
     /// Drops every series of a watchdog that no longer exists (after a reload).
     pub fn remove_watchdog(&self, watchdog: &str, channel: &str) {
-        let l = WatchdogLabels { watchdog: watchdog.into(), channel: channel.into() };
+        let l = WatchdogLabels {
+            watchdog: watchdog.into(),
+            channel: channel.into(),
+        };
         for f in [&self.heartbeats, &self.expiries, &self.pulses] {
             f.remove(&l);
         }
@@ -218,7 +337,10 @@ impl Metrics {
             });
         }
         for result in ["sent", "failed"] {
-            self.actions.remove(&ActionLabels { watchdog: watchdog.into(), result: result.into() });
+            self.actions.remove(&ActionLabels {
+                watchdog: watchdog.into(),
+                result: result.into(),
+            });
         }
         self.live
             .by_label
@@ -227,9 +349,26 @@ impl Metrics {
             .remove(&(watchdog.to_owned(), channel.to_owned()));
     }
 
-    /// Registers further metrics (the vsock devices') in the same registry.
-    pub fn register_collector(&self, c: Box<dyn Collector>) {
-        self.registry.lock().unwrap_or_else(|e| e.into_inner()).register_collector(c);
+    /// Exports a vsock device's counters, labelled with its socket path.
+    pub fn add_vsock_device(
+        &self,
+        path: &str,
+        counters: Arc<crate::transport::vsock::VsockCounters>,
+    ) {
+        self.vsock
+            .by_path
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(path.into(), counters);
+    }
+
+    /// Stops exporting a vsock device's counters.
+    pub fn remove_vsock_device(&self, path: &str) {
+        self.vsock
+            .by_path
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(path);
     }
 
     /// Renders the Prometheus text exposition.
@@ -311,7 +450,10 @@ pub struct HttpError {
 pub async fn bind_http(addr: &str) -> Result<tokio::net::TcpListener, HttpError> {
     tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|source| HttpError { addr: addr.to_owned(), source })
+        .map_err(|source| HttpError {
+            addr: addr.to_owned(),
+            source,
+        })
 }
 
 /// Serves `GET /metrics` (OpenMetrics text) until `shutdown`; anything else is 404.
@@ -339,24 +481,27 @@ pub async fn serve_http(
         let metrics = metrics.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let metrics = metrics.clone();
-                async move {
-                    let resp = if req.method() == hyper::Method::GET && req.uri().path() == "/metrics" {
-                        Response::builder()
-                            .header(
-                                header::CONTENT_TYPE,
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            )
-                            .body(Full::new(Bytes::from(metrics.encode())))
-                    } else {
-                        Response::builder()
-                            .status(StatusCode::NOT_FOUND)
-                            .body(Full::new(Bytes::from_static(b"awd serves /metrics\n")))
-                    };
-                    resp.map_err(std::io::Error::other)
-                }
-            });
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let metrics = metrics.clone();
+                    async move {
+                        let resp = if req.method() == hyper::Method::GET
+                            && req.uri().path() == "/metrics"
+                        {
+                            Response::builder()
+                                .header(
+                                    header::CONTENT_TYPE,
+                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                )
+                                .body(Full::new(Bytes::from(metrics.encode())))
+                        } else {
+                            Response::builder()
+                                .status(StatusCode::NOT_FOUND)
+                                .body(Full::new(Bytes::from_static(b"awd serves /metrics\n")))
+                        };
+                        resp.map_err(std::io::Error::other)
+                    }
+                });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             tokio::select! {
@@ -388,6 +533,9 @@ mod tests {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
         }
         m.remove_watchdog("vm1", "hb");
-        assert!(!m.encode().contains("vm1"), "removed watchdogs leave no series");
+        assert!(
+            !m.encode().contains("vm1"),
+            "removed watchdogs leave no series"
+        );
     }
 }

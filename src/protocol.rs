@@ -431,7 +431,10 @@ mod tests {
 
     /// Cases per property: `PROPTEST_CASES` when set (CI's bounded fuzzing run), else 2000.
     fn cases() -> u32 {
-        std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000)
+        std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2000)
     }
 
     proptest! {

@@ -8,6 +8,10 @@
 //! Delivery is at most once per line: a line that may have reached the peer is never sent
 //! again, so a lost reply cannot cause two failovers. A line that certainly did not reach the
 //! peer is retried on a new connection, a bounded number of times.
+//!
+//! When the node is a QMP monitor, the runner also follows the VM's run state on that
+//! connection (`query-status` at connect, then STOP, RESUME, SHUTDOWN and MIGRATION events) and
+//! publishes it for the `vm-running` condition of the watchdogs that use the node.
 
 pub mod monitor;
 pub mod qmp;
@@ -16,7 +20,7 @@ pub mod script;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -61,9 +65,31 @@ pub struct LineReport {
 pub struct RunnerHandle {
     tx: mpsc::Sender<Job>,
     chardev: Arc<str>,
+    vm: watch::Receiver<Option<bool>>,
 }
 
 impl RunnerHandle {
+    /// The VM's run state as the node's QMP monitor reports it (`None` while unknown, and
+    /// always for HMP and raw nodes).
+    pub fn vm_state(&self) -> watch::Receiver<Option<bool>> {
+        self.vm.clone()
+    }
+
+    /// A handle whose jobs arrive on the returned receiver, for tests that play the runner.
+    #[cfg(test)]
+    pub fn for_tests() -> (RunnerHandle, mpsc::Receiver<Job>) {
+        let (tx, rx) = mpsc::channel(64);
+        let (_vm_tx, vm) = watch::channel(None);
+        (
+            RunnerHandle {
+                tx,
+                chardev: "test".into(),
+                vm,
+            },
+            rx,
+        )
+    }
+
     /// Queues a job. Never blocks: if 64 jobs are already waiting, this one is dropped with an
     /// error log (the node is unreachable and the queue holds plenty already).
     pub fn submit(&self, job: Job) {
@@ -90,26 +116,28 @@ pub struct Runner {
     monitor: Option<Monitor>,
     reports: Option<mpsc::UnboundedSender<LineReport>>,
     failures: u32,
+    vm: Arc<watch::Sender<Option<bool>>>,
 }
 
 impl Runner {
     /// A runner for `chardev` and the handle to feed it.
     pub fn new(chardev: SocketChardev) -> (Runner, RunnerHandle) {
         let (tx, jobs) = mpsc::channel(64);
+        let (vm_tx, vm) = watch::channel(None);
         let handle = RunnerHandle {
             tx,
             chardev: chardev.id.as_str().into(),
+            vm,
         };
-        (
-            Runner {
-                chardev,
-                jobs,
-                monitor: None,
-                reports: None,
-                failures: 0,
-            },
-            handle,
-        )
+        let runner = Runner {
+            chardev,
+            jobs,
+            monitor: None,
+            reports: None,
+            failures: 0,
+            vm: Arc::new(vm_tx),
+        };
+        (runner, handle)
     }
 
     /// Also send every line's result to `tx`.
@@ -161,6 +189,13 @@ impl Runner {
         match Monitor::connect(&self.chardev.endpoint).await {
             Ok(m) => {
                 info!(node = %self.chardev.id, endpoint = %self.chardev.endpoint, kind = m.kind(), "notification node connected");
+                if let Some(c) = m.qmp() {
+                    tokio::spawn(track_vm(
+                        c.clone(),
+                        self.vm.clone(),
+                        self.chardev.id.clone(),
+                    ));
+                }
                 self.monitor = Some(m);
                 self.failures = 0;
                 true
@@ -250,6 +285,69 @@ impl Runner {
     }
 }
 
+/// What a QMP event says about the VM's run state: `Some(false)` while it cannot run the
+/// guest (stopped, shut down, migrating), `Some(true)` when it resumes, `None` when the state
+/// must be asked for again (a migration ended), and nothing for other events.
+fn vm_event(name: &str, data: &serde_json::Value) -> Option<Option<bool>> {
+    match name {
+        "STOP" | "SHUTDOWN" => Some(Some(false)),
+        "RESUME" => Some(Some(true)),
+        "MIGRATION" => match data.get("status").and_then(|s| s.as_str()) {
+            Some("completed" | "failed" | "cancelled") => Some(None),
+            Some("none") | None => None,
+            // setup, active, pre-switchover, device, postcopy-*, wait-unplug, colo…
+            Some(_) => Some(Some(false)),
+        },
+        _ => None,
+    }
+}
+
+/// Follows the VM's run state on a QMP connection until it closes; publishes it on `tx`.
+async fn track_vm(client: Arc<qmp::QmpClient>, tx: Arc<watch::Sender<Option<bool>>>, node: String) {
+    let mut events = client.events();
+    let query = async |client: &qmp::QmpClient| match client
+        .execute(qapi::qmp::query_status {}, LINE_TIMEOUT)
+        .await
+    {
+        Ok(Ok(st)) => Some(st.running),
+        Ok(Err(e)) => {
+            warn!(%node, "query-status failed: {}", e.desc);
+            None
+        }
+        Err(e) => {
+            debug!(%node, "query-status failed: {e}");
+            None
+        }
+    };
+    let publish = |running: Option<bool>| {
+        if let Some(r) = running
+            && *tx.borrow() != Some(r)
+        {
+            info!(%node, running = r, "VM run state");
+            tx.send_replace(Some(r));
+        }
+    };
+    publish(query(&client).await);
+    loop {
+        let ev = tokio::select! {
+            _ = client.closed().cancelled() => break,
+            ev = events.recv() => ev,
+        };
+        match ev {
+            Ok(ev) => match vm_event(&ev.name, &ev.data) {
+                Some(Some(r)) => publish(Some(r)),
+                Some(None) => publish(query(&client).await),
+                None => {}
+            },
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                publish(query(&client).await)
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+        }
+    }
+    debug!(%node, "stopped following the VM run state");
+}
+
 /// Formats an error with its sources, `a: b: c`, on one line.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -260,4 +358,33 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         src = inner.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn qmp_events_map_to_the_vm_run_state() {
+        assert_eq!(vm_event("STOP", &json!({})), Some(Some(false)));
+        assert_eq!(vm_event("RESUME", &json!({})), Some(Some(true)));
+        assert_eq!(
+            vm_event(
+                "SHUTDOWN",
+                &json!({"guest": false, "reason": "host-qmp-quit"})
+            ),
+            Some(Some(false))
+        );
+        assert_eq!(
+            vm_event("MIGRATION", &json!({"status": "active"})),
+            Some(Some(false))
+        );
+        assert_eq!(
+            vm_event("MIGRATION", &json!({"status": "completed"})),
+            Some(None)
+        );
+        assert_eq!(vm_event("MIGRATION_PASS", &json!({"pass": 2})), None);
+        assert_eq!(vm_event("RTC_CHANGE", &json!({})), None);
+    }
 }

@@ -103,8 +103,8 @@ pub enum DeliveryError {
 
 /// A connected notification node.
 pub enum Monitor {
-    /// A QMP monitor.
-    Qmp(QmpClient),
+    /// A QMP monitor (shared with the task that follows the VM's run state).
+    Qmp(std::sync::Arc<QmpClient>),
     /// An HMP monitor.
     Hmp(LineClient),
     /// A plain socket.
@@ -240,7 +240,7 @@ impl Monitor {
                         endpoint: ep.to_owned(),
                         source,
                     })?;
-                return Ok(Monitor::Qmp(client));
+                return Ok(Monitor::Qmp(std::sync::Arc::new(client)));
             }
             return Ok(Monitor::Raw(LineClient { reader, writer }));
         }
@@ -261,7 +261,7 @@ impl Monitor {
     }
 
     /// The QMP client, if this is a QMP monitor.
-    pub fn qmp(&self) -> Option<&QmpClient> {
+    pub fn qmp(&self) -> Option<&std::sync::Arc<QmpClient>> {
         match self {
             Monitor::Qmp(c) => Some(c),
             _ => None,

@@ -198,9 +198,36 @@ pub struct RawWatchdog {
     /// Logical supervisions (TOML only).
     #[serde(default)]
     pub logical: Vec<supervision::RawLogical>,
+    /// Further steps of the error reaction while the watchdog stays expired (TOML only).
+    #[serde(default)]
+    pub escalate: Vec<RawStep>,
+    /// The script run when the watchdog becomes STOPPED (TOML only; needs expired_tolerance).
+    pub stopped_script: Option<Vec<String>>,
     /// Where it came from, for error messages.
     #[serde(skip)]
     pub origin: String,
+}
+
+/// One escalation step as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStep {
+    /// Milliseconds after the expiry.
+    pub after: u64,
+    /// The script inline.
+    pub script: Option<Vec<String>>,
+    /// The script file.
+    pub opt_script: Option<PathBuf>,
+}
+
+/// One further step of a watchdog's error reaction: runs `after` the expiry, only if the
+/// watchdog is still expired (or stopped) by then.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EscalationStep {
+    /// Time from the expiry.
+    pub after: Duration,
+    /// What to send.
+    pub script: Script,
 }
 
 /// What one `--object` argument describes.
@@ -323,7 +350,7 @@ pub enum Role {
 }
 
 /// A validated watchdog.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WatchdogConfig {
     /// Its id, used in every log line and metric.
     pub id: String,
@@ -345,6 +372,10 @@ pub struct WatchdogConfig {
     pub grace: Option<Duration>,
     /// Every supervision of the watchdog, validated; the plain timeout repeats `timeout`.
     pub engine: EngineSpec,
+    /// Further steps after the expiry, in time order.
+    pub escalation: Vec<EscalationStep>,
+    /// Sent when the watchdog becomes STOPPED (empty: nothing).
+    pub stopped_script: Script,
 }
 
 /// The whole validated configuration.
@@ -711,35 +742,13 @@ fn build_watchdog(
             "grace=0: leave it out to use timeout",
         ));
     }
-    let (script, script_origin) = match (&w.opt_script, &w.script) {
-        (Some(_), Some(_)) => {
-            return Err(ConfigError::invalid(
-                &o,
-                "give either opt_script or script, not both",
-            ));
-        }
-        (Some(path), None) => {
-            let path = match base_dir {
-                Some(dir) if path.is_relative() => dir.join(path),
-                _ => path.clone(),
-            };
-            let script = Script::load(&path).map_err(|source| ConfigError::Script {
-                watchdog: w.id.clone(),
-                source,
-            })?;
-            (script, path.display().to_string())
-        }
-        (None, Some(lines)) => {
-            let script = Script::parse(&lines.join("\n"), "inline").map_err(|source| {
-                ConfigError::Script {
-                    watchdog: w.id.clone(),
-                    source,
-                }
-            })?;
-            (script, "inline".to_owned())
-        }
-        (None, None) => (Script::default(), "none".to_owned()),
-    };
+    let (script, script_origin) = load_script(
+        &w.id,
+        &o,
+        w.opt_script.as_ref(),
+        w.script.as_ref(),
+        base_dir,
+    )?;
     if !script.is_empty() && w.notification_node.is_none() {
         return Err(ConfigError::invalid(
             &o,
@@ -762,6 +771,53 @@ fn build_watchdog(
     }
     let engine = supervision::engine_spec(w, ms(timeout), w.grace.map(ms))
         .map_err(|e| ConfigError::invalid(&o, e.to_string()))?;
+    let mut escalation = Vec::new();
+    for (i, step) in w.escalate.iter().enumerate() {
+        let origin = format!("{o}: escalate[{i}]");
+        let (script, _) = load_script(
+            &w.id,
+            &origin,
+            step.opt_script.as_ref(),
+            step.script.as_ref(),
+            base_dir,
+        )?;
+        if script.is_empty() {
+            return Err(ConfigError::invalid(&origin, "a step needs a script"));
+        }
+        let after = ms(step.after);
+        if step.after == 0
+            || escalation
+                .last()
+                .is_some_and(|p: &EscalationStep| p.after >= after)
+        {
+            return Err(ConfigError::invalid(
+                &origin,
+                format!(
+                    "after={}: steps come after the expiry and after each other (strictly increasing ms)",
+                    step.after
+                ),
+            ));
+        }
+        escalation.push(EscalationStep { after, script });
+    }
+    let stopped_script = match &w.stopped_script {
+        Some(lines) => {
+            if w.expired_tolerance.is_none() {
+                return Err(ConfigError::invalid(
+                    &o,
+                    "stopped_script needs expired_tolerance (when to become STOPPED)",
+                ));
+            }
+            load_script(&w.id, &o, None, Some(lines), base_dir)?.0
+        }
+        None => Script::default(),
+    };
+    if (!escalation.is_empty() || !stopped_script.is_empty()) && w.notification_node.is_none() {
+        return Err(ConfigError::invalid(
+            &o,
+            "escalation steps need a notification_node= to send them to",
+        ));
+    }
     Ok(WatchdogConfig {
         id: w.id.clone(),
         role,
@@ -773,7 +829,46 @@ fn build_watchdog(
         timeout: ms(timeout),
         grace: w.grace.map(ms),
         engine,
+        escalation,
+        stopped_script,
     })
+}
+
+/// Loads a script given as a file (relative to `base_dir`) or inline lines.
+fn load_script(
+    id: &str,
+    origin: &str,
+    file: Option<&PathBuf>,
+    inline: Option<&Vec<String>>,
+    base_dir: Option<&Path>,
+) -> Result<(Script, String), ConfigError> {
+    match (file, inline) {
+        (Some(_), Some(_)) => Err(ConfigError::invalid(
+            origin,
+            "give either opt_script or script, not both",
+        )),
+        (Some(path), None) => {
+            let path = match base_dir {
+                Some(dir) if path.is_relative() => dir.join(path),
+                _ => path.clone(),
+            };
+            let script = Script::load(&path).map_err(|source| ConfigError::Script {
+                watchdog: id.to_owned(),
+                source,
+            })?;
+            Ok((script, path.display().to_string()))
+        }
+        (None, Some(lines)) => {
+            let script = Script::parse(&lines.join("\n"), "inline").map_err(|source| {
+                ConfigError::Script {
+                    watchdog: id.to_owned(),
+                    source,
+                }
+            })?;
+            Ok((script, "inline".to_owned()))
+        }
+        (None, None) => Ok((Script::default(), "none".to_owned())),
+    }
 }
 
 impl fmt::Display for Config {
@@ -806,6 +901,17 @@ impl fmt::Display for Config {
                     "  script            {} from {}",
                     w.script, w.script_origin
                 )?;
+            }
+            for step in &w.escalation {
+                writeln!(
+                    f,
+                    "  then after {} ms  {} (if still expired)",
+                    step.after.as_millis(),
+                    step.script
+                )?;
+            }
+            if !w.stopped_script.is_empty() {
+                writeln!(f, "  when stopped      {}", w.stopped_script)?;
             }
             write!(f, "{}", supervision::Summary(&w.engine))?;
         }
@@ -956,6 +1062,37 @@ mod tests {
             assert!(err.contains(want), "want {want:?}, got {err:?}");
             assert!(!err.contains('\n'), "{err}");
         }
+    }
+
+    #[test]
+    fn escalation_steps_are_ordered_and_need_a_node() {
+        use super::file::parse;
+        let base = "[chardev.d]\npath = \"/tmp/d\"\nserver = true\n[chardev.m]\npath = \"/tmp/m\"\n\
+            [watchdog.w]\nawd_node = \"d\"\nnotification_node = \"m\"\ntimeout = 100\nscript = [\"system_reset\"]\n";
+        let ok = format!("{base}[[watchdog.w.escalate]]\nafter = 30000\nscript = [\"quit\"]\n");
+        let cfg = Config::build(parse(&ok, Path::new("a.toml")).unwrap()).unwrap();
+        assert_eq!(
+            cfg.watchdogs[0].escalation[0].after,
+            Duration::from_secs(30)
+        );
+        assert!(
+            cfg.to_string()
+                .contains("then after 30000 ms  quit (QMP quit) (if still expired)"),
+            "{cfg}"
+        );
+        let bad = format!("{ok}[[watchdog.w.escalate]]\nafter = 30000\nscript = [\"quit\"]\n");
+        let err = Config::build(parse(&bad, Path::new("a.toml")).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("escalate[1]") && err.contains("strictly increasing"),
+            "{err}"
+        );
+        let bad = format!("{base}stopped_script = [\"quit\"]\n");
+        let err = Config::build(parse(&bad, Path::new("a.toml")).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs expired_tolerance"), "{err}");
     }
 
     #[test]

@@ -1,24 +1,34 @@
 //! One watchdog's task: owns its engine, hears its channel, fires its script, sends its pulses.
 //!
-//! The task waits on three things: channel events, the engine's next deadline
-//! (`sleep_until`, never a polling loop), and the pulse interval. Input is handled before a
-//! deadline that falls due at the same moment, so a heartbeat already queued is never mistaken
-//! for silence.
+//! The task waits on six things: channel events, control requests (status, enable, disable,
+//! operator conditions), the VM's run state from its QMP monitor (`vm-running`), the engine's
+//! next deadline (`sleep_until`, never a polling loop), the next escalation step, and the
+//! pulse interval. Input is handled before a deadline that falls due at the same moment, so a
+//! heartbeat already queued is never mistaken for silence.
+//!
+//! The error reaction is a chain: the script runs on the global transition to EXPIRED; each
+//! escalation step runs `after` the expiry if the watchdog is still expired (or stopped) by
+//! then; `stopped_script` runs on the transition to STOPPED. An expired watchdog stops its
+//! pulses ("stop alive reporting").
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, trace, warn};
 
 use crate::action::script::Script;
 use crate::action::{Job, RunnerHandle};
-use crate::config::{Role, WatchdogConfig};
-use crate::engine::{Change, Event, GlobalStatus, Scope, Setter, WatchdogEngine};
+use crate::config::{EscalationStep, Role, WatchdogConfig};
+use crate::engine::{
+    Change, EngineSnapshot, Event, GlobalStatus, Scope, Setter, VM_RUNNING, WatchdogEngine,
+};
 use crate::metrics::WatchdogMetrics;
 use crate::protocol::{PULSE, PULSE_REPLY, frame};
 use crate::transport::{ChannelEvent, ConnId, ConnWriter, Signal, TryWriteError};
@@ -28,19 +38,125 @@ pub fn now() -> std::time::Instant {
     Instant::now().into_std()
 }
 
+/// A run-time request to a watchdog.
+#[derive(Debug)]
+pub enum Control {
+    /// Report the status.
+    Status(oneshot::Sender<WatchdogStatus>),
+    /// Take a new configuration (a reload changed this watchdog, or its notification node):
+    /// connections stay, the engine restarts from now with the new supervision.
+    Reconfigure(Box<(WatchdogConfig, Links)>),
+    /// Change something; the reply says whether it was done.
+    Command {
+        /// What to do.
+        cmd: Command,
+        /// The answer.
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// A change requested at run time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Enable the watchdog (`None`) or one supervision.
+    Enable(Option<String>),
+    /// Disable the watchdog (`None`) or one supervision.
+    Disable(Option<String>),
+    /// Set a condition.
+    Condition {
+        /// Its name.
+        name: String,
+        /// Its value.
+        value: bool,
+        /// Who sets it (the engine refuses anyone else).
+        by: Setter,
+    },
+}
+
+/// What `awd status` shows for one watchdog.
+#[derive(Debug, Clone, Serialize)]
+pub struct WatchdogStatus {
+    /// The watchdog id.
+    pub id: String,
+    /// The awd_node chardev.
+    pub channel: String,
+    /// "server" (pulses) or "client" (answers).
+    pub role: &'static str,
+    /// Open connections on the channel.
+    pub connections: usize,
+    /// Messages received.
+    pub heartbeats: u64,
+    /// How long ago the last input arrived (`None`: never).
+    pub last_input_ms_ago: Option<u64>,
+    /// Transitions to EXPIRED.
+    pub expiries: u64,
+    /// Script lines the peer accepted.
+    pub actions_sent: u64,
+    /// Script lines that failed.
+    pub actions_failed: u64,
+    /// Pulses and replies sent.
+    pub pulses_sent: u64,
+    /// The VM's run state as its QMP monitor reports it, if awd follows one.
+    pub vm_running: Option<bool>,
+    /// While escalating: how many steps have run and when the next one is due.
+    pub escalation: Option<EscalationStatus>,
+    /// The engine's view: global status, conditions, every supervision.
+    #[serde(flatten)]
+    pub engine: EngineSnapshot,
+}
+
+/// Progress through the escalation chain.
+#[derive(Debug, Clone, Serialize)]
+pub struct EscalationStatus {
+    /// Steps run so far, the first script included.
+    pub steps_run: usize,
+    /// Steps configured, the first script included.
+    pub steps_total: usize,
+    /// How long until the next step, if one is left.
+    pub next_in_ms: Option<u64>,
+}
+
+/// What a watchdog is linked to besides its channel.
+#[derive(Debug, Default)]
+pub struct Links {
+    /// Where its scripts go.
+    pub runner: Option<RunnerHandle>,
+    /// The VM's run state (`None` while unknown), from the notification node's QMP events.
+    pub vm: Option<watch::Receiver<Option<bool>>>,
+}
+
 /// Everything a watchdog task needs.
 pub struct WatchdogTask {
     id: Arc<str>,
+    channel: String,
     role: Role,
     pulse_interval: Option<Duration>,
     engine: WatchdogEngine,
     events: mpsc::Receiver<ChannelEvent>,
+    control: mpsc::Receiver<Control>,
     conns: BTreeMap<ConnId, Box<dyn ConnWriter>>,
     metrics: Arc<WatchdogMetrics>,
-    runner: Option<RunnerHandle>,
+    links: Links,
     script: Arc<Script>,
+    escalation: Vec<(Duration, Arc<Script>)>,
+    stopped_script: Arc<Script>,
+    /// When the current expiry began and how many escalation steps have run since.
+    escalating: Option<(Instant, usize)>,
+    pulses: Option<Interval>,
+    vm_open: bool,
     pulse: Bytes,
     reply: Bytes,
+}
+
+fn pulse_timer(role: Role, interval: Option<Duration>) -> Option<Interval> {
+    match (role, interval) {
+        (Role::Server, Some(p)) => {
+            let mut i = tokio::time::interval_at(Instant::now() + p, p);
+            i.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            Some(i)
+        }
+        _ => None,
+    }
 }
 
 impl WatchdogTask {
@@ -48,22 +164,35 @@ impl WatchdogTask {
     pub fn new(
         cfg: &WatchdogConfig,
         events: mpsc::Receiver<ChannelEvent>,
+        control: mpsc::Receiver<Control>,
         metrics: Arc<WatchdogMetrics>,
-        runner: Option<RunnerHandle>,
+        links: Links,
     ) -> Self {
         let engine = WatchdogEngine::new(&cfg.engine, now())
             .expect("Config::build validated the engine spec");
         metrics.set_status(engine.status());
+        let vm_open = links.vm.is_some();
         WatchdogTask {
             id: cfg.id.as_str().into(),
+            channel: cfg.awd_node.clone(),
             role: cfg.role,
             pulse_interval: cfg.pulse_interval,
             engine,
             events,
+            control,
             conns: BTreeMap::new(),
             metrics,
-            runner,
+            links,
             script: Arc::new(cfg.script.clone()),
+            escalation: cfg
+                .escalation
+                .iter()
+                .map(|EscalationStep { after, script }| (*after, Arc::new(script.clone())))
+                .collect(),
+            stopped_script: Arc::new(cfg.stopped_script.clone()),
+            escalating: None,
+            pulses: None,
+            vm_open,
             pulse: Bytes::from(frame(PULSE.as_bytes())),
             reply: Bytes::from(frame(PULSE_REPLY.as_bytes())),
         }
@@ -71,14 +200,7 @@ impl WatchdogTask {
 
     /// Runs until `shutdown`.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut pulses: Option<Interval> = match (self.role, self.pulse_interval) {
-            (Role::Server, Some(p)) => {
-                let mut i = tokio::time::interval_at(Instant::now() + p, p);
-                i.set_missed_tick_behavior(MissedTickBehavior::Delay);
-                Some(i)
-            }
-            _ => None,
-        };
+        self.pulses = pulse_timer(self.role, self.pulse_interval);
         info!(
             watchdog = &*self.id,
             deadline_in_ms = self
@@ -87,9 +209,12 @@ impl WatchdogTask {
                 .map(|d| d.saturating_duration_since(now()).as_millis() as u64),
             "watchdog armed"
         );
+        self.catch_up_vm();
+        let mut control_open = true;
         loop {
             let deadline = self.engine.next_deadline().map(Instant::from_std);
-            let pulsing = pulses.is_some()
+            let step_at = self.next_step_at();
+            let pulsing = self.pulses.is_some()
                 && !matches!(
                     self.engine.status(),
                     GlobalStatus::Expired | GlobalStatus::Stopped
@@ -101,14 +226,198 @@ impl WatchdogTask {
                     Some(ev) => self.on_event(ev),
                     None => break,
                 },
+                ctl = self.control.recv(), if control_open => match ctl {
+                    Some(ctl) => self.on_control(ctl),
+                    None => control_open = false,
+                },
+                changed = async { self.links.vm.as_mut().expect("guarded").changed().await }, if self.vm_open => {
+                    match changed {
+                        Ok(()) => self.catch_up_vm(),
+                        Err(_) => self.vm_open = false,
+                    }
+                }
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     let c = self.engine.poll(now());
                     self.apply(c);
                 }
-                _ = async { pulses.as_mut().expect("guarded").tick().await }, if pulsing => self.send_pulses(),
+                _ = tokio::time::sleep_until(step_at.unwrap_or_else(Instant::now)), if step_at.is_some() => {
+                    self.escalate();
+                }
+                _ = async { self.pulses.as_mut().expect("guarded").tick().await }, if pulsing => self.send_pulses(),
+            }
+            // Steps already due (the task ran late, or an expiry was settled late) run now.
+            while self.next_step_at().is_some_and(|t| t <= Instant::now()) {
+                self.escalate();
             }
         }
         debug!(watchdog = &*self.id, "watchdog stopped");
+    }
+
+    /// Applies the VM's run state if it is known and changed.
+    fn catch_up_vm(&mut self) {
+        let Some(vm) = self.links.vm.as_mut() else {
+            return;
+        };
+        let state = *vm.borrow_and_update();
+        if let Some(running) = state {
+            self.vm_state(running);
+        }
+    }
+
+    fn reconfigure(&mut self, cfg: WatchdogConfig, links: Links) {
+        let engine = match WatchdogEngine::new(&cfg.engine, now()) {
+            Ok(e) => e,
+            Err(e) => {
+                error!(watchdog = &*self.id, "reconfiguration refused: {e}");
+                return;
+            }
+        };
+        info!(
+            watchdog = &*self.id,
+            "reconfigured: supervision restarts from now"
+        );
+        self.engine = engine;
+        self.metrics.set_status(self.engine.status());
+        self.role = cfg.role;
+        self.pulse_interval = cfg.pulse_interval;
+        self.pulses = pulse_timer(self.role, self.pulse_interval);
+        self.script = Arc::new(cfg.script.clone());
+        self.escalation = cfg
+            .escalation
+            .iter()
+            .map(|EscalationStep { after, script }| (*after, Arc::new(script.clone())))
+            .collect();
+        self.stopped_script = Arc::new(cfg.stopped_script.clone());
+        self.escalating = None;
+        self.vm_open = links.vm.is_some();
+        self.links = links;
+        // The new engine starts with vm-running true; tell it what the VM is doing now.
+        if let Some(vm) = self.links.vm.as_mut() {
+            vm.mark_changed();
+        }
+    }
+
+    fn vm_state(&mut self, running: bool) {
+        info!(watchdog = &*self.id, running, "VM run state from QMP");
+        let o = self.engine.handle(
+            Event::Condition {
+                name: VM_RUNNING,
+                value: running,
+                by: Setter::Vm,
+            },
+            now(),
+        );
+        if let Some(why) = &o.rejected {
+            debug!(watchdog = &*self.id, reason = %why, "vm-running not applied");
+        }
+        self.apply(o.changes);
+    }
+
+    fn on_control(&mut self, ctl: Control) {
+        match ctl {
+            Control::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            Control::Reconfigure(b) => {
+                let (cfg, links) = *b;
+                self.reconfigure(cfg, links);
+            }
+            Control::Command { cmd, reply } => {
+                let at = now();
+                let o = match &cmd {
+                    Command::Enable(target) => {
+                        self.engine.handle(Event::Enable(target.as_deref()), at)
+                    }
+                    Command::Disable(target) => {
+                        self.engine.handle(Event::Disable(target.as_deref()), at)
+                    }
+                    Command::Condition { name, value, by } => self.engine.handle(
+                        Event::Condition {
+                            name,
+                            value: *value,
+                            by: *by,
+                        },
+                        at,
+                    ),
+                };
+                let result = match o.rejected {
+                    Some(why) => Err(why),
+                    None => {
+                        info!(watchdog = &*self.id, command = ?cmd, "control command applied");
+                        Ok(())
+                    }
+                };
+                self.apply(o.changes);
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    /// The status `awd status` shows.
+    pub fn status(&self) -> WatchdogStatus {
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let last = self.metrics.last_heartbeat_ms.load(Ordering::Relaxed);
+        let at = Instant::now();
+        WatchdogStatus {
+            id: self.id.to_string(),
+            channel: self.channel.clone(),
+            role: match self.role {
+                Role::Server => "server",
+                Role::Client => "client",
+            },
+            connections: self.conns.len(),
+            heartbeats: self.metrics.heartbeats.get(),
+            last_input_ms_ago: (last != 0).then(|| wall.saturating_sub(last)),
+            expiries: self.metrics.expiries.get(),
+            actions_sent: self.metrics.actions_sent.get(),
+            actions_failed: self.metrics.actions_failed.get(),
+            pulses_sent: self.metrics.pulses.get(),
+            vm_running: self.links.vm.as_ref().and_then(|v| *v.borrow()),
+            escalation: self.escalating.map(|(_, run)| EscalationStatus {
+                steps_run: run + 1,
+                steps_total: self.escalation.len() + 1,
+                next_in_ms: self
+                    .next_step_at()
+                    .map(|t| t.saturating_duration_since(at).as_millis() as u64),
+            }),
+            engine: self.engine.snapshot(now()),
+        }
+    }
+
+    fn next_step_at(&self) -> Option<Instant> {
+        let (since, run) = self.escalating?;
+        self.escalation.get(run).map(|(after, _)| since + *after)
+    }
+
+    fn escalate(&mut self) {
+        let Some((since, run)) = self.escalating else {
+            return;
+        };
+        let Some((after, script)) = self.escalation.get(run).cloned() else {
+            return;
+        };
+        self.escalating = Some((since, run + 1));
+        warn!(
+            watchdog = &*self.id,
+            step = run + 1,
+            after_ms = after.as_millis() as u64,
+            "still expired: escalating"
+        );
+        self.submit(script);
+    }
+
+    fn submit(&self, script: Arc<Script>) {
+        match &self.links.runner {
+            Some(r) if !script.is_empty() => r.submit(Job {
+                watchdog: self.id.clone(),
+                script,
+                metrics: self.metrics.clone(),
+            }),
+            _ => warn!(watchdog = &*self.id, "no script to run"),
+        }
     }
 
     fn on_event(&mut self, ev: ChannelEvent) {
@@ -136,7 +445,10 @@ impl WatchdogTask {
                 self.metrics.heard(1);
                 let at = now();
                 let o = match &signal {
-                    Signal::Trigger => self.engine.handle(Event::Trigger, at),
+                    Signal::Trigger => {
+                        warn!(watchdog = &*self.id, conn, "peer reported a failure");
+                        self.engine.handle(Event::Trigger, at)
+                    }
                     Signal::SetTimeout(d) => {
                         info!(
                             watchdog = &*self.id,
@@ -156,7 +468,10 @@ impl WatchdogTask {
                         self.engine.handle(Event::Heartbeat, at)
                     }
                     Signal::PulseReply => self.engine.handle(Event::Heartbeat, at),
-                    Signal::Checkpoint(c) => self.engine.handle(Event::Checkpoint(c), at),
+                    Signal::Checkpoint(c) => {
+                        debug!(watchdog = &*self.id, conn, checkpoint = &**c, "checkpoint");
+                        self.engine.handle(Event::Checkpoint(c), at)
+                    }
                     Signal::Condition(c, v) => self.engine.handle(
                         Event::Condition {
                             name: c,
@@ -186,20 +501,39 @@ impl WatchdogTask {
 
     fn apply_global(&mut self, t: Change) {
         self.metrics.set_status(t.to);
+        let was_expired = matches!(t.from, GlobalStatus::Expired | GlobalStatus::Stopped);
         match t.to {
-            GlobalStatus::Expired => {
+            GlobalStatus::Expired if !was_expired => {
                 self.metrics.expiries.inc();
                 error!(watchdog = &*self.id, from = %t.from, reason = %t.reason, "watchdog expired");
-                match &self.runner {
-                    Some(r) if !self.script.is_empty() => r.submit(Job {
-                        watchdog: self.id.clone(),
-                        script: self.script.clone(),
-                        metrics: self.metrics.clone(),
-                    }),
-                    _ => warn!(watchdog = &*self.id, "no script to run"),
+                // Steps count from the expiry itself, even if it was settled late.
+                let since = self
+                    .engine
+                    .expired_since()
+                    .map(Instant::from_std)
+                    .unwrap_or_else(Instant::now);
+                self.escalating = Some((since, 0));
+                self.submit(self.script.clone());
+            }
+            GlobalStatus::Stopped => {
+                error!(watchdog = &*self.id, from = %t.from, reason = %t.reason, "watchdog stopped: expired beyond its tolerance");
+                if !self.stopped_script.is_empty() {
+                    self.submit(self.stopped_script.clone());
                 }
             }
+            GlobalStatus::Expired => {
+                info!(watchdog = &*self.id, from = %t.from, to = %t.to, reason = %t.reason, "watchdog status changed");
+            }
             _ => {
+                if let Some((_, run)) = self.escalating.take()
+                    && run < self.escalation.len()
+                {
+                    info!(
+                        watchdog = &*self.id,
+                        steps_left = self.escalation.len() - run,
+                        "recovered: remaining escalation steps cancelled"
+                    );
+                }
                 info!(watchdog = &*self.id, from = %t.from, to = %t.to, reason = %t.reason, "watchdog status changed")
             }
         }
@@ -238,23 +572,33 @@ mod tests {
     //! The timer logic on tokio's paused clock: time moves only when the test says so (or when
     //! every task is idle and a timer is due, which tokio then fires at once).
     use super::*;
-    use crate::action::Runner;
     use crate::action::script::Script;
-    use crate::config::{Endpoint, SocketChardev};
     use crate::engine::EngineSpec;
     use crate::metrics::Metrics;
 
     struct Harness {
         events: mpsc::Sender<ChannelEvent>,
+        control: mpsc::Sender<Control>,
+        vm: watch::Sender<Option<bool>>,
+        jobs: mpsc::Receiver<Job>,
         metrics: Arc<WatchdogMetrics>,
         shutdown: CancellationToken,
         task: tokio::task::JoinHandle<()>,
     }
 
-    /// A watchdog with a notification node that leads nowhere: expiries are observed through
-    /// the expiry counter (the runner's job queue is never drained by a connection).
+    /// A watchdog whose jobs land in `Harness::jobs` (the test plays the action runner).
     fn start(timeout_ms: u64, grace_ms: Option<u64>, role: Role, pulse_ms: Option<u64>) -> Harness {
-        let cfg = WatchdogConfig {
+        start_with(timeout_ms, grace_ms, role, pulse_ms, |_| {})
+    }
+
+    fn start_with(
+        timeout_ms: u64,
+        grace_ms: Option<u64>,
+        role: Role,
+        pulse_ms: Option<u64>,
+        edit: impl FnOnce(&mut WatchdogConfig),
+    ) -> Harness {
+        let mut cfg = WatchdogConfig {
             id: "w".into(),
             role,
             awd_node: "n".into(),
@@ -268,26 +612,62 @@ mod tests {
                 grace: grace_ms.map(Duration::from_millis),
                 ..EngineSpec::plain(Duration::from_millis(timeout_ms))
             },
+            escalation: Vec::new(),
+            stopped_script: Script::default(),
         };
+        edit(&mut cfg);
         let (events, rx) = mpsc::channel(16);
+        let (control, ctl_rx) = mpsc::channel(4);
+        let (vm, vm_rx) = watch::channel(None);
         let metrics = Metrics::new().watchdog("w", "n");
-        let (_runner, handle) = Runner::new(SocketChardev {
-            id: "mon".into(),
-            endpoint: Endpoint::Unix("/nonexistent".into()),
-            server: false,
-            reconnect: Duration::from_secs(1),
-            nodelay: false,
-        });
+        let (handle, jobs) = RunnerHandle::for_tests();
         let shutdown = CancellationToken::new();
+        let links = Links {
+            runner: Some(handle),
+            vm: Some(vm_rx),
+        };
         let task = tokio::spawn(
-            WatchdogTask::new(&cfg, rx, metrics.clone(), Some(handle)).run(shutdown.clone()),
+            WatchdogTask::new(&cfg, rx, ctl_rx, metrics.clone(), links).run(shutdown.clone()),
         );
         Harness {
             events,
+            control,
+            vm,
+            jobs,
             metrics,
             shutdown,
             task,
         }
+    }
+
+    fn scripts_run(h: &mut Harness) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(j) = h.jobs.try_recv() {
+            out.push(
+                j.script
+                    .lines
+                    .iter()
+                    .map(|l| l.text.as_str())
+                    .collect::<Vec<_>>()
+                    .join(";"),
+            );
+        }
+        out
+    }
+
+    async fn command(h: &Harness, cmd: Command) -> Result<(), String> {
+        let (reply, rx) = oneshot::channel();
+        h.control
+            .send(Control::Command { cmd, reply })
+            .await
+            .unwrap();
+        rx.await.unwrap()
+    }
+
+    async fn status(h: &Harness) -> WatchdogStatus {
+        let (reply, rx) = oneshot::channel();
+        h.control.send(Control::Status(reply)).await.unwrap();
+        rx.await.unwrap()
     }
 
     async fn beat(h: &Harness) {
@@ -300,7 +680,9 @@ mod tests {
 
     /// Lets the watchdog task run until it waits again, without moving the clock.
     async fn settle() {
-        for _ in 0..10 {
+        // A clock jump can wake several timers in turn (a deadline, then an escalation step
+        // computed from it); each needs a round of the task.
+        for _ in 0..100 {
             tokio::task::yield_now().await;
         }
     }
@@ -460,5 +842,102 @@ mod tests {
         settle().await;
         advance(1000).await;
         assert_eq!(h.metrics.expiries.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_escalation_chain_runs_only_while_still_expired() {
+        let mut h = start_with(1000, None, Role::Server, None, |c| {
+            c.script = Script::parse("system_reset", "t").unwrap();
+            c.escalation = vec![
+                EscalationStep {
+                    after: Duration::from_secs(30),
+                    script: Script::parse("quit", "t").unwrap(),
+                },
+                EscalationStep {
+                    after: Duration::from_secs(60),
+                    script: Script::parse("x_colo_lost_heartbeat", "t").unwrap(),
+                },
+            ];
+        });
+        settle().await;
+        advance(1000).await;
+        assert_eq!(scripts_run(&mut h), ["system_reset"]);
+        let st = status(&h).await;
+        assert_eq!(st.escalation.as_ref().unwrap().next_in_ms, Some(30_000));
+        advance(29_999).await;
+        assert!(scripts_run(&mut h).is_empty());
+        advance(1).await;
+        assert_eq!(
+            scripts_run(&mut h),
+            ["quit"],
+            "still silent 30 s later: next step"
+        );
+        // The guest comes back (t = 41 s) before the last step (due at t = 61 s): that step
+        // never runs. Silence again expires at 42 s and starts the chain from the beginning:
+        // system_reset at once, quit 30 s later (72 s), and nothing else by 102 s.
+        advance(10_000).await;
+        beat(&h).await;
+        advance(60_000).await;
+        assert_eq!(scripts_run(&mut h), ["system_reset", "quit"]);
+        assert_eq!(h.metrics.expiries.get(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_paused_vm_never_trips_its_watchdog() {
+        let mut h = start_with(2000, None, Role::Server, None, |c| {
+            c.engine.plain.conditions = vec![VM_RUNNING.into()];
+        });
+        settle().await;
+        h.vm.send(Some(true)).unwrap();
+        settle().await;
+        advance(1500).await;
+        h.vm.send(Some(false)).unwrap(); // QMP STOP
+        settle().await;
+        advance(60_000).await;
+        assert!(scripts_run(&mut h).is_empty(), "no fire while paused");
+        assert_eq!(status(&h).await.engine.status, GlobalStatus::Deactivated);
+        h.vm.send(Some(true)).unwrap(); // QMP RESUME: a full timeout from now
+        settle().await;
+        advance(1999).await;
+        assert!(scripts_run(&mut h).is_empty());
+        advance(1).await;
+        assert_eq!(
+            scripts_run(&mut h),
+            ["quit"],
+            "silence after the resume still counts"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn disable_stops_a_firing_to_be_and_enable_rearms() {
+        let mut h = start(2000, None, Role::Server, None);
+        settle().await;
+        advance(1900).await;
+        command(&h, Command::Disable(None)).await.unwrap();
+        advance(10_000).await;
+        assert!(scripts_run(&mut h).is_empty());
+        command(&h, Command::Enable(None)).await.unwrap();
+        advance(1999).await;
+        assert!(
+            scripts_run(&mut h).is_empty(),
+            "re-armed with a full timeout"
+        );
+        advance(1).await;
+        assert_eq!(scripts_run(&mut h), ["quit"]);
+        let err = command(&h, Command::Disable(Some("nope".into())))
+            .await
+            .unwrap_err();
+        assert!(err.contains("nope"), "{err}");
+        let err = command(
+            &h,
+            Command::Condition {
+                name: VM_RUNNING.into(),
+                value: false,
+                by: Setter::Operator,
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(!err.is_empty(), "the operator may not set vm-running");
     }
 }

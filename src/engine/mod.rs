@@ -418,6 +418,12 @@ impl WatchdogEngine {
         Ok(engine)
     }
 
+    /// When the current EXPIRED (or STOPPED) spell began: the instant the supervision's deadline
+    /// passed or its error arrived, even if the engine learnt of it later.
+    pub fn expired_since(&self) -> Option<Instant> {
+        self.expired_since
+    }
+
     /// The current global status.
     pub fn status(&self) -> GlobalStatus {
         self.status

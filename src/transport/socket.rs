@@ -66,6 +66,14 @@ impl Drop for UnixPathGuard {
 /// Binds a Unix socket, removing a stale socket file left by an earlier process (one nobody
 /// answers on). A live socket at the path is an error, as is any non-socket file.
 pub fn bind_unix(path: &Path) -> io::Result<(UnixListener, UnixPathGuard)> {
+    let (l, guard) = bind_unix_std(path)?;
+    l.set_nonblocking(true)?;
+    Ok((UnixListener::from_std(l)?, guard))
+}
+
+/// [`bind_unix`] for code that runs on its own thread rather than on tokio (the vhost-user vsock
+/// device): the same stale-file handling, a blocking std listener.
+pub fn bind_unix_std(path: &Path) -> io::Result<(std::os::unix::net::UnixListener, UnixPathGuard)> {
     use std::os::unix::fs::FileTypeExt;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
@@ -84,7 +92,7 @@ pub fn bind_unix(path: &Path) -> io::Result<(UnixListener, UnixPathGuard)> {
             Err(_) => std::fs::remove_file(path)?,
         }
     }
-    let l = UnixListener::bind(path)?;
+    let l = std::os::unix::net::UnixListener::bind(path)?;
     Ok((l, UnixPathGuard(path.to_owned())))
 }
 

@@ -147,6 +147,11 @@ impl LineStream {
     pub fn all(&self) -> Vec<String> {
         self.all.lock().unwrap().clone()
     }
+
+    /// Lines read from any reader (a socket, a child's pipe), mirrored to `mirror` if given.
+    pub fn from_reader<R: Read + Send + 'static>(r: R, mirror: Option<PathBuf>) -> LineStream {
+        LineStream::spawn(r, mirror)
+    }
 }
 
 /// A QEMU process running the test guest.
@@ -359,10 +364,16 @@ pub fn agent_bin() -> PathBuf {
 impl Awd {
     /// Starts `awd run ARGS --log-format json`, logs mirrored to `dir/NAME.log`.
     pub fn run(dir: &Path, name: &str, args: &[String]) -> Awd {
-        let mut child = Command::new(awd_bin())
-            .arg("run")
+        let mut cmd = Command::new(awd_bin());
+        cmd.arg("run")
             .args(args)
-            .args(["--log-format", "json", "--log", "awd=debug"])
+            .args(["--log-format", "json", "--log", "awd=debug"]);
+        if !args.iter().any(|a| a == "--control") {
+            // Never the host-wide default: tests run side by side.
+            cmd.arg("--control")
+                .arg(dir.join(format!("{name}.control.sock")));
+        }
+        let mut child = cmd
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

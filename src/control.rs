@@ -1,0 +1,382 @@
+//! The control socket: `awd status`, `awd enable`, `awd disable`, `awd condition` talk to a
+//! running daemon over a Unix socket, one JSON request and one JSON response per line.
+//!
+//! ```text
+//! → {"cmd":"status"}
+//! ← {"ok":true,"watchdogs":[{"id":"vm1","status":"ok",…}]}
+//! → {"cmd":"disable","target":"vm1/main-loop"}
+//! ← {"ok":true}
+//! → {"cmd":"condition","name":"maintenance","value":false}
+//! ← {"ok":false,"error":"no watchdog links condition 'maintenance'"}
+//! ```
+//!
+//! The daemon side ([`serve`]) hands each request to a [`Handler`]; the client side
+//! ([`request`]) is a blocking call for the CLI.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::transport::socket::{UnixPathGuard, bind_unix};
+
+/// Where the control socket is unless `--control` says otherwise.
+pub const DEFAULT_PATH: &str = "/run/awd/control.sock";
+
+/// The longest request line accepted.
+const MAX_REQUEST: usize = 64 * 1024;
+
+/// One request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Every watchdog's status.
+    Status,
+    /// Enable a watchdog (`ID`) or one supervision (`ID/NAME`); re-arms its timers.
+    Enable {
+        /// `ID` or `ID/SUPERVISION`.
+        target: String,
+    },
+    /// Disable a watchdog or one supervision: it cannot fire until enabled again.
+    Disable {
+        /// `ID` or `ID/SUPERVISION`.
+        target: String,
+    },
+    /// Set an operator condition, on one watchdog or on every watchdog that links it.
+    Condition {
+        /// The condition.
+        name: String,
+        /// Its new value.
+        value: bool,
+        /// Only this watchdog.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        watchdog: Option<String>,
+    },
+}
+
+/// One response.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    /// Whether the request was carried out.
+    pub ok: bool,
+    /// Why not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// For `status`: one object per watchdog.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub watchdogs: Vec<Value>,
+}
+
+impl Response {
+    /// A success with no payload.
+    pub fn ok() -> Response {
+        Response {
+            ok: true,
+            ..Response::default()
+        }
+    }
+
+    /// A failure.
+    pub fn error(msg: impl Into<String>) -> Response {
+        Response {
+            ok: false,
+            error: Some(msg.into()),
+            watchdogs: Vec::new(),
+        }
+    }
+}
+
+/// What the daemon does with a request.
+pub trait Handler: Send + Sync + 'static {
+    /// Carries out `req`.
+    fn handle(
+        &self,
+        req: Request,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send + '_>>;
+}
+
+/// Why the control socket could not start, or a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Binding the socket failed.
+    #[error("cannot listen on control socket {path}")]
+    Bind {
+        /// The path.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Connecting to the daemon failed.
+    #[error("cannot reach awd at {path} (is `awd run --control {path}` running?)")]
+    Connect {
+        /// The path.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The exchange failed.
+    #[error("control socket {path}")]
+    Io {
+        /// The path.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The answer was not a response.
+    #[error("control socket {path}: bad response: {msg}")]
+    BadResponse {
+        /// The path.
+        path: String,
+        /// What was wrong.
+        msg: String,
+    },
+}
+
+/// A bound control socket; the file is removed when it is dropped.
+#[derive(Debug)]
+pub struct ControlListener {
+    listener: tokio::net::UnixListener,
+    _guard: UnixPathGuard,
+}
+
+/// Binds the control socket, creating its directory. Only the owner may connect (mode 0600):
+/// the socket can disable watchdogs.
+pub fn bind(path: &Path) -> Result<ControlListener, ControlError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |source| ControlError::Bind {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let (listener, guard) = bind_unix(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(ControlListener {
+        listener,
+        _guard: guard,
+    })
+}
+
+/// Serves requests until `shutdown`.
+pub async fn serve(l: ControlListener, handler: Arc<dyn Handler>, shutdown: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = l.listener.accept() => match a {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    warn!("control socket accept failed: {e}");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                    }
+                }
+            },
+        };
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let mut lines = tokio::io::BufReader::new(r)
+                .take(MAX_REQUEST as u64 * 16)
+                .lines();
+            loop {
+                let line =
+                    match tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await {
+                        Ok(Ok(Some(l))) => l,
+                        _ => break,
+                    };
+                let resp = if line.len() > MAX_REQUEST {
+                    Response::error("request too long")
+                } else {
+                    match serde_json::from_str::<Request>(&line) {
+                        Ok(req) => {
+                            debug!(?req, "control request");
+                            handler.handle(req).await
+                        }
+                        Err(e) => Response::error(format!("bad request: {e}")),
+                    }
+                };
+                let mut out =
+                    serde_json::to_vec(&resp).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+                out.push(b'\n');
+                if w.write_all(&out).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+/// Sends one request to the daemon at `path` and waits (up to 10 s) for the response.
+pub fn request(path: &Path, req: &Request) -> Result<Response, ControlError> {
+    let shown = path.display().to_string();
+    let io = |source| ControlError::Io {
+        path: shown.clone(),
+        source,
+    };
+    let mut s =
+        std::os::unix::net::UnixStream::connect(path).map_err(|source| ControlError::Connect {
+            path: shown.clone(),
+            source,
+        })?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(io)?;
+    let mut line = serde_json::to_vec(req).map_err(|e| ControlError::BadResponse {
+        path: shown.clone(),
+        msg: e.to_string(),
+    })?;
+    line.push(b'\n');
+    s.write_all(&line).map_err(io)?;
+    let mut resp = String::new();
+    BufReader::new(&s).read_line(&mut resp).map_err(io)?;
+    serde_json::from_str(&resp).map_err(|e| ControlError::BadResponse {
+        path: shown,
+        msg: e.to_string(),
+    })
+}
+
+/// The control socket path: `--control`, else `AWD_CONTROL`, else [`DEFAULT_PATH`].
+pub fn resolve_path(arg: Option<PathBuf>) -> PathBuf {
+    arg.or_else(|| std::env::var_os("AWD_CONTROL").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH))
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Renders a `status` response as a table for people: one line per watchdog, then one
+/// indented line per supervision.
+pub fn render_table(watchdogs: &[Value]) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "{:<16} {:<11} {:<14} {:>6} {:>10} {:>10} {:>8} {:>8}\n",
+        "WATCHDOG", "STATUS", "CHANNEL", "CONNS", "HEARTBEATS", "LAST(ms)", "EXPIRIES", "ACTIONS"
+    ));
+    for w in watchdogs {
+        out.push_str(&format!(
+            "{:<16} {:<11} {:<14} {:>6} {:>10} {:>10} {:>8} {:>8}\n",
+            text(&w["id"]),
+            text(&w["status"]),
+            text(&w["channel"]),
+            text(&w["connections"]),
+            text(&w["heartbeats"]),
+            text(&w["last_input_ms_ago"]),
+            text(&w["expiries"]),
+            text(&w["actions_sent"]),
+        ));
+        if let Some(sups) = w["supervisions"].as_array() {
+            for s in sups {
+                out.push_str(&format!(
+                    "  {:<14} {:<11} {:<10} {}\n",
+                    text(&s["name"]),
+                    text(&s["status"]),
+                    text(&s["kind"]),
+                    s.get("detail").map(text).unwrap_or_default(),
+                ));
+            }
+        }
+        if let Some(conds) = w["conditions"].as_object()
+            && !conds.is_empty()
+        {
+            let list: Vec<String> = conds
+                .iter()
+                .map(|(k, v)| format!("{k}={}", text(v)))
+                .collect();
+            out.push_str(&format!("  conditions: {}\n", list.join(" ")));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_have_a_stable_wire_form() {
+        let cases = [
+            (Request::Status, r#"{"cmd":"status"}"#),
+            (
+                Request::Enable {
+                    target: "vm1/alive".into(),
+                },
+                r#"{"cmd":"enable","target":"vm1/alive"}"#,
+            ),
+            (
+                Request::Condition {
+                    name: "maint".into(),
+                    value: false,
+                    watchdog: None,
+                },
+                r#"{"cmd":"condition","name":"maint","value":false}"#,
+            ),
+        ];
+        for (req, wire) in cases {
+            assert_eq!(serde_json::to_string(&req).unwrap(), wire);
+            assert_eq!(serde_json::from_str::<Request>(wire).unwrap(), req);
+        }
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
+    }
+
+    struct Echo;
+    impl Handler for Echo {
+        fn handle(
+            &self,
+            req: Request,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send + '_>> {
+            Box::pin(async move {
+                match req {
+                    Request::Status => Response {
+                        ok: true,
+                        error: None,
+                        watchdogs: vec![serde_json::json!({"id": "vm1", "status": "ok"})],
+                    },
+                    _ => Response::error("no"),
+                }
+            })
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_round_trip_over_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sock");
+        let l = bind(&path).unwrap();
+        let shutdown = CancellationToken::new();
+        tokio::spawn(serve(l, Arc::new(Echo), shutdown.clone()));
+        let p = path.clone();
+        let resp = tokio::task::spawn_blocking(move || request(&p, &Request::Status))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(resp.ok);
+        assert_eq!(resp.watchdogs[0]["id"], "vm1");
+        assert!(render_table(&resp.watchdogs).contains("vm1"));
+        let p = path.clone();
+        let resp = tokio::task::spawn_blocking(move || {
+            request(&p, &Request::Disable { target: "x".into() })
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(resp.error.as_deref(), Some("no"));
+        shutdown.cancel();
+    }
+}
