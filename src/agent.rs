@@ -1,4 +1,5 @@
-//! The guest agent behind `awd-agent`: writes a heartbeat line every interval to the host.
+//! The guest agent behind `awd-agent`: writes a heartbeat line every interval to the host, and
+//! relays protocol lines from guest programs.
 //!
 //! Targets:
 //!
@@ -12,18 +13,38 @@
 //! The agent never blocks on the host: writes are non-blocking, a heartbeat that cannot be
 //! written is skipped (and counted), and a lost connection is reopened on the next tick. It
 //! uses only std and libc, so the static binary stays small.
+//!
+//! ## The local socket
+//!
+//! The running agent also listens on a Unix socket in the guest ([`DEFAULT_SOCKET`], mode
+//! 0660), so that guest programs and `awd-agent checkpoint …` report through the one channel the
+//! agent holds open. A client writes protocol lines; the agent answers each with `OK\n` or
+//! `ERR reason\n` ([`Refusal`]) and writes accepted lines to the host at once, in the order they
+//! came, between heartbeats. Only the lines of the protocol that mean something to the host are
+//! relayed ([`relayable`]): `CHECKPOINT=`, `CONDITION=`, `STATUS=`, `WATCHDOG=1`,
+//! `WATCHDOG=trigger` and `WATCHDOG_USEC=`. A line the host side cannot take right now is
+//! dropped, like a heartbeat, and refused with `ERR host unreachable`. [`relay`] is the client
+//! side.
+//!
+//! Clients are hostile too: a line is at most [`MAX_LINE`] bytes (a longer one is read and
+//! dropped in a streaming fashion), at most [`MAX_CLIENTS`] are served at once, each wake-up
+//! reads a bounded amount from each, and a client that does not read its replies loses them.
+//! Everything runs in the one poll(2) loop that also waits for the next heartbeat, so no client
+//! can delay a heartbeat.
 
-use std::fs::File;
+use std::ffi::OsString;
+use std::fs::{File, Permissions};
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::net::UnixStream;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::protocol::{Decoder, Message};
+use crate::protocol::{Decoder, MAX_LINE, Message, Rejection, parse_line};
 
 /// Where the agent sends heartbeats.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -213,6 +234,257 @@ fn open(target: &Target) -> io::Result<Conn> {
     }
 }
 
+/// Where the running agent listens for guest programs unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/awd-agent.sock";
+/// The most local clients served at once; one more is answered `ERR too many clients` and
+/// closed, so a runaway program cannot use up the agent's descriptors.
+pub const MAX_CLIENTS: usize = 16;
+/// The local socket's file mode: root and its group only, as it reaches the host's watchdog.
+const SOCKET_MODE: u32 = 0o660;
+/// Replies a client has not read yet, at most; more are dropped (a fire-and-forget client never
+/// reads them, and must not make the agent buffer without bound).
+const REPLY_CAP: usize = 4096;
+/// Bytes read from one client per wake-up, so a client that writes without pause cannot hold
+/// the loop past a heartbeat's time.
+const READ_BUDGET: usize = 64 * 1024;
+/// The least time between two attempts to reopen the host channel for a relayed line (a
+/// heartbeat always tries), so a client that sends many lines while the host is absent does not
+/// turn into a connect storm.
+const REOPEN_GAP: Duration = Duration::from_millis(100);
+
+/// Why the agent refused a line from a local client. Its [`Display`](std::fmt::Display) is the
+/// text after `ERR ` in the reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The line is longer than [`MAX_LINE`] bytes.
+    LineTooLong,
+    /// The line is not UTF-8.
+    InvalidUtf8,
+    /// The text holds a newline, so it would be two lines (found before sending only).
+    Newline,
+    /// `CHECKPOINT=` with a name that is not [`valid_name`](crate::protocol::valid_name).
+    NameInvalid,
+    /// `CONDITION=` not of the form `name=1` or `name=0` with a valid name.
+    ConditionInvalid,
+    /// `WATCHDOG_USEC=` not a positive number.
+    UsecInvalid,
+    /// Not one of the lines the agent relays.
+    NotRelayed,
+    /// The host side is absent or not reading: the line was dropped.
+    HostUnreachable,
+    /// [`MAX_CLIENTS`] are connected already.
+    TooManyClients,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Refusal::LineTooLong => "line too long (at most 4096 bytes)",
+            Refusal::InvalidUtf8 => "not UTF-8",
+            Refusal::Newline => "more than one line",
+            Refusal::NameInvalid => "bad name (1 to 64 of A-Z a-z 0-9 _ . : -)",
+            Refusal::ConditionInvalid => {
+                "bad condition (CONDITION=name=1 or CONDITION=name=0, a name of 1 to 64 of \
+                 A-Z a-z 0-9 _ . : -)"
+            }
+            Refusal::UsecInvalid => "bad WATCHDOG_USEC (a positive number of microseconds)",
+            Refusal::NotRelayed => {
+                "not a relayed line (CHECKPOINT=, CONDITION=, STATUS=, WATCHDOG=1, \
+                 WATCHDOG=trigger, WATCHDOG_USEC=)"
+            }
+            Refusal::HostUnreachable => "host unreachable",
+            Refusal::TooManyClients => "too many clients",
+        })
+    }
+}
+
+/// Checks one line (without its `\n`; a trailing `\r` is dropped) from a local client and
+/// returns the text to relay, or why it is refused. The agent relays only what means something
+/// to the host's watchdog, so a confused program cannot fill the channel with lines the host
+/// would merely count as heartbeats.
+pub fn relayable(raw: &[u8]) -> Result<&str, Refusal> {
+    let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+    if raw.len() > MAX_LINE {
+        return Err(Refusal::LineTooLong);
+    }
+    let line = std::str::from_utf8(raw).map_err(|_| Refusal::InvalidUtf8)?;
+    if line.contains(['\n', '\r']) {
+        return Err(Refusal::Newline);
+    }
+    match parse_line(raw) {
+        Message::Heartbeat if line == "WATCHDOG=1" => Ok(line),
+        Message::Trigger
+        | Message::SetTimeout(_)
+        | Message::Checkpoint(_)
+        | Message::Condition(..)
+        | Message::Status(_) => Ok(line),
+        Message::Rejected(Rejection::BadValue) => Err(match line.split_once('=') {
+            Some(("CHECKPOINT", _)) => Refusal::NameInvalid,
+            Some(("CONDITION", _)) => Refusal::ConditionInvalid,
+            _ => Refusal::UsecInvalid,
+        }),
+        Message::Rejected(Rejection::InvalidUtf8) => Err(Refusal::InvalidUtf8),
+        Message::Rejected(_) => Err(Refusal::LineTooLong),
+        Message::Heartbeat | Message::Pulse | Message::PulseReply => Err(Refusal::NotRelayed),
+    }
+}
+
+/// The local socket the agent opens for guest programs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalSocket {
+    /// Its path; a stale socket file there is replaced.
+    pub path: PathBuf,
+    /// Whether failing to listen stops the agent. False for the default path, so an agent in a
+    /// guest without a writable `/run` still sends heartbeats, as it did before the socket
+    /// existed.
+    pub required: bool,
+}
+
+/// The listening local socket. Removes its file when dropped, if the file is still its own.
+#[derive(Debug)]
+struct LocalListener {
+    listener: UnixListener,
+    path: PathBuf,
+    /// Device and inode of the socket file, to tell it from a newer agent's.
+    id: (u64, u64),
+}
+
+impl Drop for LocalListener {
+    fn drop(&mut self) {
+        if let Ok(m) = std::fs::symlink_metadata(&self.path)
+            && (m.dev(), m.ino()) == self.id
+        {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Binds the local socket at `path`: replaces a stale socket file (one nobody answers on),
+/// refuses a live one or anything that is not a socket, and sets the mode before the socket
+/// appears under its name (bound under a temporary name, chmod, renamed), so there is no moment
+/// when anyone may connect.
+fn bind_local(path: &Path) -> Result<LocalListener, AgentError> {
+    let bind_err = |source| AgentError::SocketBind {
+        path: path.to_owned(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(AgentError::SocketInUse(path.to_owned()));
+            }
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(bind_err(e)),
+            }
+        }
+        Ok(_) => {
+            return Err(bind_err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the path exists and is not a socket",
+            )));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(bind_err(e)),
+    }
+    let name = path.file_name().ok_or_else(|| {
+        bind_err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the path names no file",
+        ))
+    })?;
+    let mut tmp_name = OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(bind_err)?;
+    let placed = std::fs::set_permissions(&tmp, Permissions::from_mode(SOCKET_MODE))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .and_then(|()| std::fs::symlink_metadata(path));
+    let meta = match placed {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(bind_err(e));
+        }
+    };
+    let local = LocalListener {
+        listener,
+        path: path.to_owned(),
+        id: (meta.dev(), meta.ino()),
+    };
+    local.listener.set_nonblocking(true).map_err(bind_err)?;
+    Ok(local)
+}
+
+/// A guest program connected to the local socket.
+#[derive(Debug)]
+struct LocalClient {
+    stream: UnixStream,
+    /// The line received so far, at most [`MAX_LINE`] bytes.
+    line: Vec<u8>,
+    /// Inside an over-long line (already refused): dropping bytes up to the next newline.
+    discarding: bool,
+    /// Replies not written yet, at most [`REPLY_CAP`] bytes.
+    reply: Vec<u8>,
+    /// The client shut its side; it is closed once its replies are out.
+    eof: bool,
+    /// Reading or writing failed: close it.
+    dead: bool,
+}
+
+impl LocalClient {
+    fn new(stream: UnixStream) -> Self {
+        LocalClient {
+            stream,
+            line: Vec::new(),
+            discarding: false,
+            reply: Vec::new(),
+            eof: false,
+            dead: false,
+        }
+    }
+
+    /// Queues the answer to one line, unless the client has left too many unread.
+    fn answer(&mut self, r: Result<(), Refusal>) {
+        let text = match r {
+            Ok(()) => "OK\n".to_owned(),
+            Err(why) => format!("ERR {why}\n"),
+        };
+        if self.reply.len() + text.len() <= REPLY_CAP {
+            self.reply.extend_from_slice(text.as_bytes());
+        }
+    }
+
+    /// Writes queued replies as far as the socket takes them. Never blocks.
+    fn flush(&mut self) {
+        while !self.reply.is_empty() {
+            match (&self.stream).write(&self.reply) {
+                Ok(0) => {
+                    self.dead = true;
+                    return;
+                }
+                Ok(n) => {
+                    self.reply.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(_) => {
+                    self.dead = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Whether the client can be closed.
+    fn done(&self) -> bool {
+        self.dead || (self.eof && self.reply.is_empty())
+    }
+}
+
 /// How the agent behaves.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -226,9 +498,11 @@ pub struct AgentConfig {
     pub count: Option<u64>,
     /// Exit with an error when no AWD pulse arrived for this long (the host watchdog is gone).
     pub expect_pulses: Option<Duration>,
+    /// The local socket for guest programs (`None`: none).
+    pub socket: Option<LocalSocket>,
 }
 
-/// Why the agent stopped with an error.
+/// Why the agent stopped with an error, or why a line sent through it did not get through.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// `--expect-pulses` and the pulses stopped.
@@ -237,6 +511,74 @@ pub enum AgentError {
     /// poll(2) failed.
     #[error("poll failed")]
     Poll(#[source] io::Error),
+    /// The local socket could not be set up.
+    #[error("cannot listen on {}", path.display())]
+    SocketBind {
+        /// The socket's path.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: io::Error,
+    },
+    /// Another agent answers on the local socket already.
+    #[error("{} is in use by another running agent", .0.display())]
+    SocketInUse(PathBuf),
+    /// The client found no agent on the local socket.
+    #[error("cannot reach the agent at {} (is `awd-agent --to …` running?)", path.display())]
+    SocketConnect {
+        /// The socket's path.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: io::Error,
+    },
+    /// Talking to the agent failed midway.
+    #[error("talking to the agent at {} failed", path.display())]
+    SocketIo {
+        /// The socket's path.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: io::Error,
+    },
+    /// The client refused to send a line the agent would refuse.
+    #[error("cannot send '{line}': {reason}")]
+    LineInvalid {
+        /// The line, shortened.
+        line: String,
+        /// Why.
+        reason: Refusal,
+    },
+    /// The agent answered `ERR reason`.
+    #[error("the agent refused '{line}': {reason}")]
+    LineRefused {
+        /// The line, shortened.
+        line: String,
+        /// The agent's reason.
+        reason: String,
+    },
+    /// The agent did not answer in time.
+    #[error("no reply from the agent at {} within {:?}", path.display(), relay::REPLY_TIMEOUT)]
+    ReplyTimeout {
+        /// The socket's path.
+        path: PathBuf,
+    },
+    /// The agent closed the connection without answering, or answered something else.
+    #[error("no valid reply from the agent at {} (got '{reply}')", path.display())]
+    ReplyInvalid {
+        /// The socket's path.
+        path: PathBuf,
+        /// What came back, shortened.
+        reply: String,
+    },
+}
+
+/// At most 60 characters of `s`, for error messages about lines of any length.
+fn shorten(s: &str) -> String {
+    match s.char_indices().nth(60) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
 }
 
 /// Counters the agent keeps, printed when it stops.
@@ -250,31 +592,64 @@ pub struct AgentStats {
     pub pulses: u64,
     /// Connections opened.
     pub connects: u64,
+    /// Lines from local clients written to the host.
+    pub relayed: u64,
+    /// Lines (and connections) from local clients refused, the host being absent included.
+    pub refused: u64,
 }
 
-/// The agent: a connection, a pending partial write, and counters.
+/// How far a message got to the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Written {
+    /// All of it.
+    Whole,
+    /// A part; the rest is in `Agent::out` and goes before anything else.
+    Started,
+    /// Nothing: no connection, the host is not reading, or the connection broke.
+    Not,
+}
+
+/// The agent: a connection to the host, a pending partial write, the local socket and its
+/// clients, and counters.
 #[derive(Debug)]
 pub struct Agent {
     cfg: AgentConfig,
+    /// The heartbeat line with its newline, built once.
+    beat_line: Vec<u8>,
     conn: Option<Conn>,
-    pending: Vec<u8>,
+    /// The unwritten tail of a message the host has partly received. It is finished before
+    /// anything else is written, so lines never interleave.
+    out: Vec<u8>,
+    /// Whether `out` is a heartbeat's tail (counted as sent when it completes).
+    out_is_beat: bool,
     decoder: Decoder,
     stats: AgentStats,
     last_pulse: Instant,
     last_error: Option<String>,
+    /// When opening the host channel last failed.
+    last_open_failure: Option<Instant>,
+    listener: Option<LocalListener>,
+    clients: Vec<LocalClient>,
 }
 
 impl Agent {
     /// A new agent; nothing is opened until [`run`](Self::run).
     pub fn new(cfg: AgentConfig) -> Self {
+        let mut beat_line = cfg.message.clone().into_bytes();
+        beat_line.push(b'\n');
         Agent {
             cfg,
+            beat_line,
             conn: None,
-            pending: Vec::new(),
+            out: Vec::new(),
+            out_is_beat: false,
             decoder: Decoder::new(),
             stats: AgentStats::default(),
             last_pulse: Instant::now(),
             last_error: None,
+            last_open_failure: None,
+            listener: None,
+            clients: Vec::new(),
         }
     }
 
@@ -299,12 +674,17 @@ impl Agent {
             Ok(c) => {
                 self.stats.connects += 1;
                 self.last_error = None;
+                self.last_open_failure = None;
                 eprintln!("awd-agent: connected to {}", self.cfg.target);
                 self.conn = Some(c);
-                self.pending.clear();
+                self.out.clear();
+                self.out_is_beat = false;
                 self.decoder = Decoder::new();
             }
-            Err(e) => self.note_error(&format!("cannot open {}", self.cfg.target), &e),
+            Err(e) => {
+                self.last_open_failure = Some(Instant::now());
+                self.note_error(&format!("cannot open {}", self.cfg.target), &e);
+            }
         }
     }
 
@@ -312,42 +692,103 @@ impl Agent {
         if self.conn.take().is_some() {
             eprintln!("awd-agent: {} closed: {why}", self.cfg.target);
         }
-        self.pending.clear();
+        if !self.out.is_empty() && self.out_is_beat {
+            self.stats.skipped += 1;
+        }
+        self.out.clear();
+        self.out_is_beat = false;
     }
 
-    /// Writes one heartbeat (or the rest of the previous one). Never blocks.
+    /// Writes the rest of a partly written message. True when nothing is left. Never blocks.
+    fn flush_host(&mut self) -> bool {
+        if self.out.is_empty() {
+            return true;
+        }
+        while !self.out.is_empty() {
+            let Some(conn) = self.conn.as_mut() else {
+                return false;
+            };
+            match conn.write(&self.out) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    self.out.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) => {
+                    let why = e.to_string();
+                    self.drop_conn(&why);
+                    return false;
+                }
+            }
+        }
+        if std::mem::take(&mut self.out_is_beat) {
+            self.stats.sent += 1;
+        }
+        true
+    }
+
+    /// Writes one message to the host after whatever is pending. Never blocks, never queues a
+    /// message that has not started: one the host cannot take now is dropped.
+    fn write_host(&mut self, msg: &[u8], is_beat: bool) -> Written {
+        if !self.flush_host() {
+            return Written::Not;
+        }
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                return Written::Not;
+            };
+            return match conn.write(msg) {
+                Ok(n) if n == msg.len() => Written::Whole,
+                Ok(0) => Written::Not,
+                Ok(n) => {
+                    self.out.extend_from_slice(&msg[n..]);
+                    self.out_is_beat = is_beat;
+                    Written::Started
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // The host side is absent or not reading: skip, do not queue.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Written::Not,
+                Err(e) => {
+                    let why = e.to_string();
+                    self.drop_conn(&why);
+                    Written::Not
+                }
+            };
+        }
+    }
+
+    /// Writes one heartbeat (after the rest of a partly written message). Never blocks.
     fn beat(&mut self) {
         self.ensure_open();
-        let Some(conn) = self.conn.as_mut() else {
-            self.stats.skipped += 1;
-            return;
-        };
-        let fresh = self.pending.is_empty();
-        if fresh {
-            self.pending.extend_from_slice(self.cfg.message.as_bytes());
-            self.pending.push(b'\n');
+        let line = std::mem::take(&mut self.beat_line);
+        let written = self.write_host(&line, true);
+        self.beat_line = line;
+        match written {
+            Written::Whole => self.stats.sent += 1,
+            Written::Started => {} // counted when it completes, or as skipped when lost
+            Written::Not => self.stats.skipped += 1,
         }
-        match conn.write(&self.pending) {
-            Ok(n) => {
-                self.pending.drain(..n);
-                if self.pending.is_empty() {
-                    self.stats.sent += 1;
-                } else if !fresh {
-                    self.stats.skipped += 1;
-                }
+    }
+
+    /// Writes one checked line from a local client to the host, at once. Never blocks.
+    fn relay(&mut self, line: &str) -> Result<(), Refusal> {
+        if self.conn.is_none()
+            && self
+                .last_open_failure
+                .is_none_or(|t| t.elapsed() >= REOPEN_GAP)
+        {
+            self.ensure_open();
+        }
+        let mut msg = Vec::with_capacity(line.len() + 1);
+        msg.extend_from_slice(line.as_bytes());
+        msg.push(b'\n');
+        match self.write_host(&msg, false) {
+            Written::Whole | Written::Started => {
+                self.stats.relayed += 1;
+                Ok(())
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // The host side is absent or not reading: skip, do not queue.
-                if fresh {
-                    self.pending.clear();
-                }
-                self.stats.skipped += 1;
-            }
-            Err(e) => {
-                self.stats.skipped += 1;
-                let why = e.to_string();
-                self.drop_conn(&why);
-            }
+            Written::Not => Err(Refusal::HostUnreachable),
         }
     }
 
@@ -389,48 +830,251 @@ impl Agent {
         }
     }
 
-    /// Waits until `until`, reading host input as it arrives.
+    /// Opens the local socket, if configured and not open yet. A failure is an error only when
+    /// the socket is [`required`](LocalSocket::required); otherwise it is logged and the agent
+    /// goes on with heartbeats alone.
+    fn listen(&mut self) -> Result<(), AgentError> {
+        if self.listener.is_some() {
+            return Ok(());
+        }
+        let Some(sock) = self.cfg.socket.as_ref() else {
+            return Ok(());
+        };
+        match bind_local(&sock.path) {
+            Ok(l) => {
+                eprintln!("awd-agent: listening on {}", sock.path.display());
+                self.listener = Some(l);
+                Ok(())
+            }
+            Err(e) if !sock.required => {
+                let source = std::error::Error::source(&e)
+                    .map(|s| format!(": {s}"))
+                    .unwrap_or_default();
+                eprintln!("awd-agent: warning: {e}{source}; going on without the local socket");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Accepts waiting local clients, up to [`MAX_CLIENTS`] per call. False when accepting
+    /// fails in a way that would repeat at once (out of descriptors): stop polling the
+    /// listener for this wait.
+    fn accept_clients(&mut self) -> bool {
+        for _ in 0..MAX_CLIENTS {
+            let accepted = match &self.listener {
+                Some(l) => l.listener.accept(),
+                None => return true,
+            };
+            match accepted {
+                Ok((s, _)) => {
+                    if self.clients.len() >= MAX_CLIENTS {
+                        let _ = s.set_nonblocking(true);
+                        let _ = (&s).write(format!("ERR {}\n", Refusal::TooManyClients).as_bytes());
+                        self.stats.refused += 1;
+                    } else if s.set_nonblocking(true).is_ok() {
+                        self.clients.push(LocalClient::new(s));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
+                Err(e) => {
+                    self.note_error("cannot accept on the local socket", &e);
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Reads what a client sent (a bounded amount), relays its complete lines and queues the
+    /// answers, then writes what answers the socket takes.
+    fn serve_client(&mut self, c: &mut LocalClient) {
+        let mut buf = [0u8; 8192];
+        let mut budget = READ_BUDGET;
+        while budget > 0 && !c.eof && !c.dead {
+            match (&c.stream).read(&mut buf) {
+                Ok(0) => {
+                    c.eof = true;
+                    // A last line without its newline still counts.
+                    if !c.line.is_empty() && !c.discarding {
+                        let line = std::mem::take(&mut c.line);
+                        self.client_line(c, &line);
+                    }
+                }
+                Ok(n) => {
+                    budget = budget.saturating_sub(n);
+                    self.client_input(c, &buf[..n]);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => c.dead = true,
+            }
+        }
+        c.flush();
+    }
+
+    /// Splits a client's bytes into lines, keeping at most [`MAX_LINE`] of a line: an
+    /// over-long one is refused when it gets too long and the rest of it is dropped unread.
+    fn client_input(&mut self, c: &mut LocalClient, mut input: &[u8]) {
+        while !input.is_empty() {
+            let (chunk, complete) = match input.iter().position(|&b| b == b'\n') {
+                Some(pos) => {
+                    let chunk = &input[..pos];
+                    input = &input[pos + 1..];
+                    (chunk, true)
+                }
+                None => (std::mem::take(&mut input), false),
+            };
+            if c.discarding {
+                c.discarding = !complete;
+                continue;
+            }
+            if c.line.len() + chunk.len() > MAX_LINE {
+                c.line.clear();
+                c.discarding = !complete;
+                self.stats.refused += 1;
+                c.answer(Err(Refusal::LineTooLong));
+                continue;
+            }
+            c.line.extend_from_slice(chunk);
+            if complete {
+                let line = std::mem::take(&mut c.line);
+                self.client_line(c, &line);
+                c.line = line;
+                c.line.clear();
+            }
+        }
+    }
+
+    /// Checks and relays one line from a client, and queues the answer.
+    fn client_line(&mut self, c: &mut LocalClient, raw: &[u8]) {
+        let r = relayable(raw).and_then(|line| self.relay(line));
+        if r.is_err() {
+            self.stats.refused += 1;
+        }
+        c.answer(r);
+    }
+
+    /// Waits until `until`, reading host input as it arrives, flushing a partly written
+    /// message when the host can take it, and serving local clients.
     fn wait(&mut self, until: Instant) -> Result<(), AgentError> {
+        // The host's descriptor reported a hang-up that reading does not clear (a
+        // virtio-serial port whose host side is closed): poll would spin, so leave it out
+        // until `until`.
+        let mut host_quiet = false;
+        // Accepting failed (out of descriptors): leave the listener out until `until`.
+        let mut listener_quiet = false;
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(2 + MAX_CLIENTS);
         loop {
             let now = Instant::now();
             if now >= until {
                 return Ok(());
             }
             let ms = (until - now).as_millis().min(i32::MAX as u128) as i32;
-            match &self.conn {
-                Some(c) => {
-                    let mut pfd = libc::pollfd {
-                        fd: c.fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    };
-                    // SAFETY: one valid pollfd, count 1.
-                    let r = unsafe { libc::poll(&mut pfd, 1, ms.max(1)) };
-                    if r < 0 {
-                        let e = io::Error::last_os_error();
-                        if e.kind() != io::ErrorKind::Interrupted {
-                            return Err(AgentError::Poll(e));
-                        }
-                    } else if r > 0 {
-                        if pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
-                            self.drain_input();
-                        }
-                        if pfd.revents & libc::POLLHUP != 0
-                            && matches!(self.cfg.target, Target::Port(_))
-                        {
-                            // Host side closed: poll would spin; sleep out the interval instead.
-                            std::thread::sleep(until.saturating_duration_since(Instant::now()));
-                        }
+            fds.clear();
+            let host_fd = match &self.conn {
+                Some(c) if !host_quiet => c.fd(),
+                _ => -1, // poll(2) ignores negative descriptors
+            };
+            let mut host_events = libc::POLLIN;
+            if !self.out.is_empty() {
+                host_events |= libc::POLLOUT;
+            }
+            fds.push(libc::pollfd {
+                fd: host_fd,
+                events: host_events,
+                revents: 0,
+            });
+            fds.push(libc::pollfd {
+                fd: match &self.listener {
+                    Some(l) if !listener_quiet => l.listener.as_raw_fd(),
+                    _ => -1,
+                },
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            for c in &self.clients {
+                let mut events = 0;
+                if !c.eof {
+                    events |= libc::POLLIN;
+                }
+                if !c.reply.is_empty() {
+                    events |= libc::POLLOUT;
+                }
+                fds.push(libc::pollfd {
+                    fd: c.stream.as_raw_fd(),
+                    events,
+                    revents: 0,
+                });
+            }
+            // SAFETY: `fds` is a valid array of `fds.len()` pollfds that outlives the call.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms.max(1)) };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(AgentError::Poll(e));
+            }
+            if r == 0 {
+                continue;
+            }
+            // The host first: relaying below may drop and reopen the connection.
+            let host = fds[0].revents;
+            if host_fd >= 0 && host != 0 {
+                if host & libc::POLLOUT != 0 {
+                    self.flush_host();
+                }
+                if host & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+                    self.drain_input();
+                }
+                if host & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+                    && self.conn.is_some()
+                {
+                    host_quiet = true;
+                }
+            }
+            // Then the clients, in the order they were polled; none is added meanwhile.
+            let mut clients = std::mem::take(&mut self.clients);
+            for (c, p) in clients.iter_mut().zip(&fds[2..]) {
+                if p.revents & libc::POLLNVAL != 0 {
+                    c.dead = true;
+                    continue;
+                }
+                if p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 && !c.eof {
+                    self.serve_client(c);
+                } else if p.revents & (libc::POLLOUT | libc::POLLHUP | libc::POLLERR) != 0 {
+                    c.flush();
+                    if p.revents & (libc::POLLHUP | libc::POLLERR) != 0 && !c.reply.is_empty() {
+                        c.dead = true; // cannot write to it, and would be polled again at once
                     }
                 }
-                None => std::thread::sleep(until - now),
+            }
+            clients.retain(|c| !c.done());
+            self.clients = clients;
+            // Then new clients, once the closed ones have made room.
+            let lrev = fds[1].revents;
+            if lrev & libc::POLLIN != 0 {
+                listener_quiet = !self.accept_clients();
+            } else if lrev != 0 {
+                listener_quiet = true; // an error state that accepting would not clear
             }
         }
     }
 
     /// Runs until `count` heartbeats were sent, or forever. With `expect_pulses`, fails when
-    /// the host's pulses stop.
+    /// the host's pulses stop. Opens the local socket first, if configured.
     pub fn run(&mut self) -> Result<AgentStats, AgentError> {
+        self.run_until(None)
+    }
+
+    /// [`run`](Self::run), also returning when `stop` is set (checked at least every 5 ms
+    /// while it is given), so tests can end a running agent.
+    fn run_until(&mut self, stop: Option<&AtomicBool>) -> Result<AgentStats, AgentError> {
+        const STOP_CHECK: Duration = Duration::from_millis(5);
+        self.listen()?;
         let mut next = Instant::now();
         self.last_pulse = Instant::now();
         loop {
@@ -445,7 +1089,19 @@ impl Agent {
             if next < now {
                 next = now; // late (the guest was paused): do not burst to catch up
             }
-            self.wait(next)?;
+            match stop {
+                None => self.wait(next)?,
+                Some(stop) => loop {
+                    if stop.load(Ordering::Relaxed) {
+                        return Ok(self.stats);
+                    }
+                    let now = Instant::now();
+                    if now >= next {
+                        break;
+                    }
+                    self.wait(next.min(now + STOP_CHECK))?;
+                },
+            }
             if let Some(limit) = self.cfg.expect_pulses
                 && self.last_pulse.elapsed() > limit
             {
@@ -455,9 +1111,248 @@ impl Agent {
     }
 }
 
+pub mod relay {
+    //! The client side of the agent's local socket: how `awd-agent checkpoint …` and guest
+    //! programs send a line through the running agent, which holds the one channel to the host.
+    //!
+    //! ```no_run
+    //! use std::path::Path;
+    //! use awd::agent::{DEFAULT_SOCKET, relay};
+    //!
+    //! relay::send_line(Path::new(DEFAULT_SOCKET), "CHECKPOINT=ready")?;
+    //! # Ok::<(), awd::agent::AgentError>(())
+    //! ```
+
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::path::Path;
+    use std::time::Duration;
+
+    use super::{AgentError, relayable, shorten};
+
+    /// How long to wait for the agent's answer to a line; the agent answers at once unless it
+    /// is stuck, and a stuck agent must not hang the program that reports.
+    pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+    /// The longest answer read.
+    const MAX_REPLY: u64 = 1024;
+
+    /// Sends one protocol line (without newline) through the running agent at `socket`, and
+    /// returns once the agent has written it to the host.
+    pub fn send_line(socket: &Path, line: &str) -> Result<(), AgentError> {
+        send_lines(socket, &[line])
+    }
+
+    /// Sends lines in order over one connection, each after the agent accepted the one
+    /// before; stops at the first refusal. Every line is checked before anything is sent, so
+    /// an invalid line sends nothing.
+    pub fn send_lines(socket: &Path, lines: &[&str]) -> Result<(), AgentError> {
+        for line in lines {
+            // `relayable` drops one trailing `\r`, which the agent would drop too.
+            if let Err(reason) = relayable(line.as_bytes()) {
+                return Err(AgentError::LineInvalid {
+                    line: shorten(line),
+                    reason,
+                });
+            }
+        }
+        let stream = UnixStream::connect(socket).map_err(|source| AgentError::SocketConnect {
+            path: socket.to_owned(),
+            source,
+        })?;
+        let io_err = |source| AgentError::SocketIo {
+            path: socket.to_owned(),
+            source,
+        };
+        stream
+            .set_read_timeout(Some(REPLY_TIMEOUT))
+            .map_err(io_err)?;
+        stream
+            .set_write_timeout(Some(REPLY_TIMEOUT))
+            .map_err(io_err)?;
+        let mut reader = BufReader::new(&stream);
+        let mut reply = Vec::new();
+        for line in lines {
+            let mut msg = Vec::with_capacity(line.len() + 1);
+            msg.extend_from_slice(line.as_bytes());
+            msg.push(b'\n');
+            // On a failed write the agent may still have said why (too many clients).
+            let sent = (&stream).write_all(&msg);
+            reply.clear();
+            let read = (&mut reader).take(MAX_REPLY).read_until(b'\n', &mut reply);
+            let Some(text) = reply.strip_suffix(b"\n") else {
+                return Err(match (sent, read) {
+                    (Err(e), _) => io_err(e),
+                    (Ok(()), Err(e))
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        AgentError::ReplyTimeout {
+                            path: socket.to_owned(),
+                        }
+                    }
+                    (Ok(()), Err(e)) => io_err(e),
+                    // Closed without a full answer, or an answer too long to be the agent's.
+                    (Ok(()), Ok(_)) => AgentError::ReplyInvalid {
+                        path: socket.to_owned(),
+                        reply: shorten(&String::from_utf8_lossy(&reply)),
+                    },
+                });
+            };
+            let text = String::from_utf8_lossy(text);
+            if text == "OK" {
+                continue;
+            }
+            return Err(match text.strip_prefix("ERR ") {
+                Some(reason) => AgentError::LineRefused {
+                    line: shorten(line),
+                    reason: reason.to_owned(),
+                },
+                None => AgentError::ReplyInvalid {
+                    path: socket.to_owned(),
+                    reply: shorten(&text),
+                },
+            });
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::sync::Arc;
+    use std::thread::JoinHandle;
+
+    /// The bound on anything a test waits for.
+    const LIMIT: Duration = Duration::from_secs(10);
+    /// An interval long enough that no second heartbeat comes during a test.
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn config(target: Target, socket: Option<&Path>, interval: Duration) -> AgentConfig {
+        AgentConfig {
+            target,
+            interval,
+            message: "WATCHDOG=1".into(),
+            count: None,
+            expect_pulses: None,
+            socket: socket.map(|p| LocalSocket {
+                path: p.to_owned(),
+                required: true,
+            }),
+        }
+    }
+
+    /// A Unix "host" the agent connects to, read a line at a time with a timeout.
+    struct Host {
+        listener: UnixListener,
+        conn: Option<BufReader<UnixStream>>,
+    }
+
+    impl Host {
+        fn bind(path: &Path) -> Host {
+            Host {
+                listener: UnixListener::bind(path).unwrap(),
+                conn: None,
+            }
+        }
+
+        /// The next line the agent wrote, without its newline.
+        fn line(&mut self) -> String {
+            if self.conn.is_none() {
+                let mut pfd = libc::pollfd {
+                    fd: self.listener.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd, count 1.
+                let r = unsafe { libc::poll(&mut pfd, 1, LIMIT.as_millis() as i32) };
+                assert_eq!(r, 1, "the agent did not connect");
+                let (s, _) = self.listener.accept().unwrap();
+                s.set_read_timeout(Some(LIMIT)).unwrap();
+                self.conn = Some(BufReader::new(s));
+            }
+            let mut l = String::new();
+            self.conn.as_mut().unwrap().read_line(&mut l).unwrap();
+            assert_eq!(l.pop(), Some('\n'), "{l:?}");
+            l
+        }
+    }
+
+    /// A raw local client, reading the agent's answers with a timeout.
+    struct Client(BufReader<UnixStream>);
+
+    impl Client {
+        fn connect(path: &Path) -> Client {
+            let s = UnixStream::connect(path).unwrap();
+            s.set_read_timeout(Some(LIMIT)).unwrap();
+            s.set_write_timeout(Some(LIMIT)).unwrap();
+            Client(BufReader::new(s))
+        }
+
+        fn send(&mut self, bytes: &[u8]) {
+            self.0.get_mut().write_all(bytes).unwrap();
+        }
+
+        fn reply(&mut self) -> String {
+            let mut l = String::new();
+            self.0.read_line(&mut l).unwrap();
+            assert_eq!(l.pop(), Some('\n'), "{l:?}");
+            l
+        }
+    }
+
+    /// An agent running its loop on a thread, its local socket bound before it starts.
+    struct Running {
+        stop: Arc<AtomicBool>,
+        handle: Option<JoinHandle<(Agent, Result<AgentStats, AgentError>)>>,
+    }
+
+    impl Running {
+        fn start(cfg: AgentConfig) -> Running {
+            let mut agent = Agent::new(cfg);
+            agent.listen().unwrap();
+            let stop = Arc::new(AtomicBool::new(false));
+            let flag = stop.clone();
+            let handle = std::thread::spawn(move || {
+                let r = agent.run_until(Some(&flag));
+                (agent, r)
+            });
+            Running {
+                stop,
+                handle: Some(handle),
+            }
+        }
+
+        /// Stops the loop; it must have run without error.
+        fn stop(mut self) -> (Agent, AgentStats) {
+            self.stop.store(true, Ordering::Relaxed);
+            let (agent, r) = self.handle.take().unwrap().join().unwrap();
+            (agent, r.unwrap())
+        }
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+            if let Some(h) = self.handle.take() {
+                let _ = h.join();
+            }
+        }
+    }
+
+    /// Runs the agent's wait loop until `done` holds, for at most [`LIMIT`].
+    fn pump(agent: &mut Agent, done: impl Fn(&Agent) -> bool) {
+        let end = Instant::now() + LIMIT;
+        while !done(agent) {
+            assert!(Instant::now() < end, "timed out: {:?}", agent.stats());
+            agent
+                .wait(Instant::now() + Duration::from_millis(2))
+                .unwrap();
+        }
+    }
 
     #[test]
     fn targets_parse() {
@@ -508,20 +1403,18 @@ mod tests {
     fn heartbeats_reach_a_unix_listener_and_an_absent_host_is_skipped() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s");
-        let mut agent = Agent::new(AgentConfig {
-            target: Target::Unix(path.clone()),
-            interval: Duration::from_millis(1),
-            message: "WATCHDOG=1".into(),
-            count: None,
-            expect_pulses: None,
-        });
+        let mut agent = Agent::new(config(
+            Target::Unix(path.clone()),
+            None,
+            Duration::from_millis(1),
+        ));
         agent.beat();
         assert_eq!(
             agent.stats().skipped,
             1,
             "no listener: skipped, not blocked"
         );
-        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let l = UnixListener::bind(&path).unwrap();
         agent.beat();
         agent.beat();
         let (mut s, _) = l.accept().unwrap();
@@ -535,33 +1428,34 @@ mod tests {
     fn a_host_that_does_not_read_never_blocks_the_agent() {
         let (ours, _theirs) = UnixStream::pair().unwrap();
         ours.set_nonblocking(true).unwrap();
-        let mut agent = Agent::new(AgentConfig {
-            target: Target::Unix("/unused".into()),
-            interval: Duration::from_millis(1),
-            message: "x".repeat(1000),
-            count: None,
-            expect_pulses: None,
-        });
+        let mut cfg = config(
+            Target::Unix("/unused".into()),
+            None,
+            Duration::from_millis(1),
+        );
+        cfg.message = "x".repeat(1000);
+        let mut agent = Agent::new(cfg);
         agent.conn = Some(Conn::Unix(ours));
         for _ in 0..2000 {
             agent.beat();
         }
         let s = agent.stats();
         assert!(s.skipped > 0 && s.sent > 0, "{s:?}");
-        assert_eq!(s.sent + s.skipped, 2000);
+        let in_flight = u64::from(!agent.out.is_empty());
+        assert_eq!(s.sent + s.skipped + in_flight, 2000);
     }
 
     #[test]
     fn pulses_are_counted_and_their_absence_is_an_error() {
         let (ours, mut theirs) = UnixStream::pair().unwrap();
         ours.set_nonblocking(true).unwrap();
-        let mut agent = Agent::new(AgentConfig {
-            target: Target::Unix("/unused".into()),
-            interval: Duration::from_millis(5),
-            message: "WATCHDOG=1".into(),
-            count: None,
-            expect_pulses: Some(Duration::from_millis(50)),
-        });
+        let mut cfg = config(
+            Target::Unix("/unused".into()),
+            None,
+            Duration::from_millis(5),
+        );
+        cfg.expect_pulses = Some(Duration::from_millis(50));
+        let mut agent = Agent::new(cfg);
         agent.conn = Some(Conn::Unix(ours));
         theirs
             .write_all(&crate::protocol::frame(crate::protocol::PULSE.as_bytes()))
@@ -572,5 +1466,299 @@ mod tests {
         assert_eq!(agent.stats().pulses, 1);
         let err = agent.run().unwrap_err();
         assert!(matches!(err, AgentError::PulsesStopped(_)), "{err}");
+    }
+
+    #[test]
+    fn only_the_lines_that_mean_something_to_the_host_are_relayed() {
+        for good in [
+            "CHECKPOINT=boot",
+            "CHECKPOINT=a.b:c-d_0",
+            "CONDITION=ready=1",
+            "CONDITION=ready=0",
+            "STATUS=disk full",
+            "STATUS=",
+            "WATCHDOG=1",
+            "WATCHDOG=trigger",
+            "WATCHDOG_USEC=2000000",
+        ] {
+            assert_eq!(relayable(good.as_bytes()), Ok(good));
+        }
+        assert_eq!(relayable(b"CHECKPOINT=x\r"), Ok("CHECKPOINT=x"));
+        let long = format!("STATUS={}", "x".repeat(MAX_LINE));
+        for (bad, why) in [
+            (&b"hello"[..], Refusal::NotRelayed),
+            (b"", Refusal::NotRelayed),
+            (b"WATCHDOG=0", Refusal::NotRelayed),
+            (b"X=Y", Refusal::NotRelayed),
+            (b"advanced-watchdog pulse", Refusal::NotRelayed),
+            (b"\0\0\0\x05hello", Refusal::NotRelayed),
+            (b"CHECKPOINT=", Refusal::NameInvalid),
+            (b"CHECKPOINT=a b", Refusal::NameInvalid),
+            (b"CONDITION=x", Refusal::ConditionInvalid),
+            (b"CONDITION=x=2", Refusal::ConditionInvalid),
+            (b"WATCHDOG_USEC=abc", Refusal::UsecInvalid),
+            (b"WATCHDOG_USEC=0", Refusal::UsecInvalid),
+            (b"STATUS=\xff", Refusal::InvalidUtf8),
+            (b"STATUS=a\nWATCHDOG=trigger", Refusal::Newline),
+            (b"STATUS=a\rb", Refusal::Newline),
+            (long.as_bytes(), Refusal::LineTooLong),
+        ] {
+            assert_eq!(relayable(bad), Err(why), "{}", String::from_utf8_lossy(bad));
+        }
+        assert_eq!(
+            relayable(format!("STATUS={}", "x".repeat(MAX_LINE - 7)).as_bytes()).map(str::len),
+            Ok(MAX_LINE)
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_from_a_local_client_reaches_the_host_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("agent.sock");
+        let mut host = Host::bind(&dir.path().join("host.sock"));
+        let agent = Running::start(config(
+            Target::Unix(dir.path().join("host.sock")),
+            Some(&sock),
+            HOUR,
+        ));
+        assert_eq!(host.line(), "WATCHDOG=1");
+        // The next heartbeat is an hour away: the checkpoint goes out now.
+        relay::send_line(&sock, "CHECKPOINT=boot").unwrap();
+        assert_eq!(host.line(), "CHECKPOINT=boot");
+        relay::send_lines(&sock, &["STATUS=disk full", "WATCHDOG=trigger"]).unwrap();
+        assert_eq!(host.line(), "STATUS=disk full");
+        assert_eq!(host.line(), "WATCHDOG=trigger");
+        let (_, stats) = agent.stop();
+        assert_eq!((stats.sent, stats.relayed, stats.refused), (1, 3, 0));
+    }
+
+    #[test]
+    fn lines_sent_first_reach_the_host_in_order_before_the_next_heartbeat() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("agent.sock");
+        let mut host = Host::bind(&dir.path().join("host.sock"));
+        let mut agent = Agent::new(config(
+            Target::Unix(dir.path().join("host.sock")),
+            Some(&sock),
+            HOUR,
+        ));
+        agent.listen().unwrap();
+        agent.beat();
+        assert_eq!(host.line(), "WATCHDOG=1");
+        let mut client = Client::connect(&sock);
+        client.send(b"CHECKPOINT=a\nCONDITION=c=1\r\nSTATUS=x y\nWATCHDOG=trigger\nCHECKPOINT=b\n");
+        pump(&mut agent, |a| a.stats().relayed == 5);
+        agent.beat();
+        for want in [
+            "CHECKPOINT=a",
+            "CONDITION=c=1",
+            "STATUS=x y",
+            "WATCHDOG=trigger",
+            "CHECKPOINT=b",
+            "WATCHDOG=1",
+        ] {
+            assert_eq!(host.line(), want);
+        }
+        for _ in 0..5 {
+            assert_eq!(client.reply(), "OK");
+        }
+    }
+
+    #[test]
+    fn bad_lines_are_refused_and_never_reach_the_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("agent.sock");
+        let mut host = Host::bind(&dir.path().join("host.sock"));
+        let agent = Running::start(config(
+            Target::Unix(dir.path().join("host.sock")),
+            Some(&sock),
+            HOUR,
+        ));
+        assert_eq!(host.line(), "WATCHDOG=1");
+        let mut client = Client::connect(&sock);
+        client.send(
+            b"hello\nCHECKPOINT=a b\nCONDITION=x\nWATCHDOG_USEC=abc\n\
+              advanced-watchdog pulse\nWATCHDOG=0\n\nCHECKPOINT=ok\n",
+        );
+        for why in [
+            Refusal::NotRelayed,
+            Refusal::NameInvalid,
+            Refusal::ConditionInvalid,
+            Refusal::UsecInvalid,
+            Refusal::NotRelayed,
+            Refusal::NotRelayed,
+            Refusal::NotRelayed,
+        ] {
+            assert_eq!(client.reply(), format!("ERR {why}"));
+        }
+        assert_eq!(client.reply(), "OK");
+        assert_eq!(host.line(), "CHECKPOINT=ok");
+        // The client side checks before it connects.
+        let err = relay::send_line(&sock, "CHECKPOINT=a b").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                AgentError::LineInvalid {
+                    reason: Refusal::NameInvalid,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = relay::send_line(&dir.path().join("absent.sock"), "CHECKPOINT=a").unwrap_err();
+        assert!(matches!(err, AgentError::SocketConnect { .. }), "{err}");
+        let (_, stats) = agent.stop();
+        assert_eq!((stats.relayed, stats.refused), (1, 7));
+    }
+
+    #[test]
+    fn without_the_host_a_line_is_dropped_and_refused_as_unreachable() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("agent.sock");
+        let agent = Running::start(config(
+            Target::Unix(dir.path().join("absent.sock")),
+            Some(&sock),
+            HOUR,
+        ));
+        let err = relay::send_line(&sock, "CHECKPOINT=boot").unwrap_err();
+        match &err {
+            AgentError::LineRefused { line, reason } => {
+                assert_eq!(
+                    (line.as_str(), reason.as_str()),
+                    ("CHECKPOINT=boot", "host unreachable")
+                );
+            }
+            other => panic!("{other}"),
+        }
+        assert_eq!(
+            err.to_string(),
+            "the agent refused 'CHECKPOINT=boot': host unreachable"
+        );
+        let (_, stats) = agent.stop();
+        assert_eq!(
+            (stats.sent, stats.skipped, stats.relayed, stats.refused),
+            (0, 1, 0, 1)
+        );
+    }
+
+    #[test]
+    fn a_host_that_does_not_read_gets_no_relayed_line_and_the_client_hears_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("agent.sock");
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let mut cfg = config(Target::Unix("/unused".into()), Some(&sock), HOUR);
+        cfg.message = "x".repeat(1000);
+        let mut agent = Agent::new(cfg);
+        agent.conn = Some(Conn::Unix(ours));
+        agent.listen().unwrap();
+        while agent.stats().skipped == 0 {
+            agent.beat(); // fill the host's buffer
+        }
+        let mut client = Client::connect(&sock);
+        client.send(b"CHECKPOINT=a\n");
+        pump(&mut agent, |a| a.stats().refused == 1);
+        assert_eq!(client.reply(), "ERR host unreachable");
+        assert_eq!(agent.stats().relayed, 0);
+    }
+
+    #[test]
+    fn a_ten_megabyte_line_and_invalid_utf8_get_err_and_the_agent_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("agent.sock");
+        let mut host = Host::bind(&dir.path().join("host.sock"));
+        let agent = Running::start(config(
+            Target::Unix(dir.path().join("host.sock")),
+            Some(&sock),
+            HOUR,
+        ));
+        assert_eq!(host.line(), "WATCHDOG=1");
+        let mut client = Client::connect(&sock);
+        let mut huge = vec![b'a'; 10 * 1024 * 1024];
+        huge.extend_from_slice(b"\nSTATUS=\xff\xfe\nCHECKPOINT=after\n");
+        client.send(&huge);
+        assert_eq!(client.reply(), format!("ERR {}", Refusal::LineTooLong));
+        assert_eq!(client.reply(), format!("ERR {}", Refusal::InvalidUtf8));
+        assert_eq!(client.reply(), "OK");
+        assert_eq!(host.line(), "CHECKPOINT=after");
+        // A line without its newline, then the end: still a line.
+        let mut last = Client::connect(&sock);
+        last.send(b"CHECKPOINT=last");
+        last.0
+            .get_ref()
+            .shutdown(std::net::Shutdown::Write)
+            .unwrap();
+        assert_eq!(last.reply(), "OK");
+        assert_eq!(host.line(), "CHECKPOINT=last");
+        relay::send_line(&sock, "CHECKPOINT=still-here").unwrap();
+        assert_eq!(host.line(), "CHECKPOINT=still-here");
+        let (agent, stats) = agent.stop();
+        assert_eq!((stats.relayed, stats.refused), (3, 2));
+        for c in &agent.clients {
+            assert!(c.line.capacity() <= 2 * MAX_LINE, "{}", c.line.capacity());
+        }
+    }
+
+    #[test]
+    fn clients_beyond_the_limit_are_refused_and_a_freed_slot_is_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("agent.sock");
+        let agent = Running::start(config(
+            Target::Unix(dir.path().join("absent.sock")),
+            Some(&sock),
+            HOUR,
+        ));
+        let mut held: Vec<Client> = (0..MAX_CLIENTS).map(|_| Client::connect(&sock)).collect();
+        let mut extra = Client::connect(&sock);
+        assert_eq!(extra.reply(), format!("ERR {}", Refusal::TooManyClients));
+        let err = relay::send_line(&sock, "CHECKPOINT=x").unwrap_err();
+        assert!(
+            matches!(&err, AgentError::LineRefused { reason, .. } if reason == "too many clients"),
+            "{err}"
+        );
+        // The held ones are served.
+        held[3].send(b"CHECKPOINT=x\n");
+        assert_eq!(held[3].reply(), "ERR host unreachable");
+        drop(held.pop());
+        let err = relay::send_line(&sock, "CHECKPOINT=x").unwrap_err();
+        assert!(
+            matches!(&err, AgentError::LineRefused { reason, .. } if reason == "host unreachable"),
+            "{err}"
+        );
+        drop(agent);
+    }
+
+    #[test]
+    fn a_stale_socket_is_replaced_a_live_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("agent.sock");
+        drop(UnixListener::bind(&sock).unwrap()); // leaves a stale socket file
+        let target = Target::Unix(dir.path().join("absent.sock"));
+        let mut first = Agent::new(config(target.clone(), Some(&sock), HOUR));
+        first.listen().unwrap();
+        let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, SOCKET_MODE);
+        let mut second = Agent::new(config(target.clone(), Some(&sock), HOUR));
+        let err = second.listen().unwrap_err();
+        assert!(matches!(err, AgentError::SocketInUse(_)), "{err}");
+        // Not required (the default path): a warning, and heartbeats go on.
+        let mut cfg = config(target.clone(), Some(&sock), HOUR);
+        if let Some(s) = cfg.socket.as_mut() {
+            s.required = false;
+        }
+        let mut third = Agent::new(cfg);
+        third.listen().unwrap();
+        assert!(third.listener.is_none());
+        // Not a socket: left alone.
+        let file = dir.path().join("file");
+        std::fs::write(&file, "keep").unwrap();
+        let mut fourth = Agent::new(config(target, Some(&file), HOUR));
+        let err = fourth.listen().unwrap_err();
+        assert!(matches!(err, AgentError::SocketBind { .. }), "{err}");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
+        drop(first);
+        assert!(!sock.exists(), "removed when the agent ends");
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
+        assert_eq!(leftovers.len(), 1, "{leftovers:?}");
     }
 }

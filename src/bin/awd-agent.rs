@@ -1,24 +1,49 @@
-//! `awd-agent`: the guest side. Writes a heartbeat line every interval to the host's awd.
+//! `awd-agent`: the guest side. Writes a heartbeat line every interval to the host's awd, and
+//! relays lines from guest programs; its subcommands send such lines through the running agent.
 
+use std::error::Error;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use awd::agent::{Agent, AgentConfig, Target};
-use clap::Parser;
+use awd::agent::{Agent, AgentConfig, DEFAULT_SOCKET, LocalSocket, Target, relay};
+use clap::{Parser, Subcommand, ValueEnum};
 
 const EXAMPLE: &str = "\
 Examples:
   awd-agent --to port:org.awd.heartbeat.0 --interval 1000     # virtio-serial port by name
   awd-agent --to vsock:2:9009 --interval 1000 --expect-pulses 5000
-  awd-agent --to tcp:192.0.2.1:9009 --interval 500";
+  awd-agent --to tcp:192.0.2.1:9009 --interval 500
+  awd-agent checkpoint db-ready          # through the running agent's local socket
+  awd-agent condition maintenance on
+  awd-agent fail 'disk full'             # STATUS=disk full, then WATCHDOG=trigger";
 
-/// Sends heartbeats to awd on the host, never blocking when the host side is absent.
+/// Sends heartbeats to awd on the host, never blocking when the host side is absent, and
+/// relays checkpoints and failures from guest programs through a local socket.
+///
+/// Without a subcommand it runs as the agent (`--to` is required); with one it sends a line
+/// through the running agent and exits: 0 when the agent wrote it to the host, 1 otherwise.
 #[derive(Debug, Parser)]
-#[command(name = "awd-agent", version, after_help = EXAMPLE)]
+#[command(
+    name = "awd-agent",
+    version,
+    after_help = EXAMPLE,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// The agent itself (no subcommand).
+#[derive(Debug, clap::Args)]
+struct RunArgs {
     /// Where to send: port:NAME, tcp:HOST:PORT, unix:PATH or vsock:CID:PORT.
-    #[arg(long)]
-    to: Target,
+    #[arg(long, required = true)]
+    to: Option<Target>,
     /// Milliseconds between heartbeats.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     interval: u64,
@@ -31,20 +56,144 @@ struct Args {
     /// Exit non-zero when no AWD pulse arrives from the host for this many milliseconds.
     #[arg(long, value_name = "MS")]
     expect_pulses: Option<u64>,
+    /// The local socket guest programs send lines to [default: /run/awd-agent.sock]. Failing to
+    /// listen on the default is only a warning; on a path given here it is an error.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Open no local socket: heartbeats only.
+    #[arg(long)]
+    no_socket: bool,
 }
 
-fn main() -> ExitCode {
-    let args = Args::parse();
+/// Lines sent through the running agent.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Report a checkpoint: CHECKPOINT=NAME.
+    Checkpoint {
+        /// The checkpoint: 1 to 64 of A-Z a-z 0-9 _ . : -
+        name: String,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Report a failure, for the host to act at once: STATUS=REASON, then WATCHDOG=trigger.
+    Fail {
+        /// Why (several words are joined with spaces).
+        #[arg(required = true)]
+        reason: Vec<String>,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Set or clear a condition: CONDITION=NAME=1 or CONDITION=NAME=0.
+    Condition {
+        /// The condition: 1 to 64 of A-Z a-z 0-9 _ . : -
+        name: String,
+        /// on sets it, off clears it.
+        state: OnOff,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Send free text for the host's log: STATUS=TEXT.
+    Status {
+        /// The text (several words are joined with spaces).
+        #[arg(required = true)]
+        text: Vec<String>,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+}
+
+/// The running agent's socket, for the subcommands.
+#[derive(Debug, clap::Args)]
+struct SocketArg {
+    /// The running agent's local socket.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+}
+
+/// A condition's new state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnOff {
+    /// Set (CONDITION=NAME=1).
+    #[value(alias = "1")]
+    On,
+    /// Clear (CONDITION=NAME=0).
+    #[value(alias = "0")]
+    Off,
+}
+
+impl Command {
+    /// The socket and the protocol lines this subcommand sends, in order.
+    fn lines(self) -> (PathBuf, Vec<String>) {
+        match self {
+            Command::Checkpoint { name, socket } => {
+                (socket.socket, vec![format!("CHECKPOINT={name}")])
+            }
+            Command::Fail { reason, socket } => (
+                socket.socket,
+                vec![
+                    format!("STATUS={}", reason.join(" ")),
+                    "WATCHDOG=trigger".to_owned(),
+                ],
+            ),
+            Command::Condition {
+                name,
+                state,
+                socket,
+            } => {
+                let bit = if state == OnOff::On { 1 } else { 0 };
+                (socket.socket, vec![format!("CONDITION={name}={bit}")])
+            }
+            Command::Status { text, socket } => {
+                (socket.socket, vec![format!("STATUS={}", text.join(" "))])
+            }
+        }
+    }
+}
+
+/// An error and its sources, on one line.
+fn chain(e: &dyn Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
+
+fn send(command: Command) -> ExitCode {
+    let (socket, lines) = command.lines();
+    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+    match relay::send_lines(&socket, &lines) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("awd-agent: error: {}", chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let Some(target) = args.to else {
+        eprintln!("awd-agent: error: --to is required");
+        return ExitCode::from(2);
+    };
     if args.message.contains('\n') {
         eprintln!("awd-agent: error: --message must be one line");
         return ExitCode::FAILURE;
     }
+    let socket = (!args.no_socket).then(|| LocalSocket {
+        required: args.socket.is_some(),
+        path: args.socket.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
+    });
     let mut agent = Agent::new(AgentConfig {
-        target: args.to,
+        target,
         interval: Duration::from_millis(args.interval),
         message: args.message,
         count: args.count,
         expect_pulses: args.expect_pulses.map(Duration::from_millis),
+        socket,
     });
     eprintln!("awd-agent: started");
     match agent.run() {
@@ -53,8 +202,114 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("awd-agent: error: {e} ({:?})", agent.stats());
+            eprintln!("awd-agent: error: {} ({:?})", chain(&e), agent.stats());
             ExitCode::from(2)
         }
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match args.command {
+        Some(command) => send(command),
+        None => run(args.run),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(argv: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("awd-agent").chain(argv.iter().copied()))
+    }
+
+    fn lines(argv: &[&str]) -> (PathBuf, Vec<String>) {
+        match parse(argv) {
+            Ok(Args {
+                command: Some(c), ..
+            }) => c.lines(),
+            other => panic!("{argv:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_cli_is_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn the_flag_form_runs_the_agent() {
+        let a = parse(&["--to", "port:org.awd.heartbeat.0", "--interval", "200"]).unwrap();
+        assert!(a.command.is_none());
+        assert_eq!(a.run.to, Some(Target::Port("org.awd.heartbeat.0".into())));
+        assert_eq!(
+            (a.run.interval, a.run.socket, a.run.no_socket),
+            (200, None, false)
+        );
+        let a = parse(&["--to", "unix:/h", "--socket", "/tmp/a.sock"]).unwrap();
+        assert_eq!(a.run.socket, Some(PathBuf::from("/tmp/a.sock")));
+        assert!(parse(&[]).is_err(), "--to is required without a subcommand");
+        assert!(parse(&["--interval", "5"]).is_err());
+    }
+
+    #[test]
+    fn subcommands_make_their_lines() {
+        let default = PathBuf::from(DEFAULT_SOCKET);
+        assert_eq!(
+            lines(&["checkpoint", "boot"]),
+            (default.clone(), vec!["CHECKPOINT=boot".to_owned()])
+        );
+        assert_eq!(
+            lines(&["checkpoint", "boot", "--socket", "/tmp/x.sock"]),
+            (
+                PathBuf::from("/tmp/x.sock"),
+                vec!["CHECKPOINT=boot".to_owned()]
+            )
+        );
+        assert_eq!(
+            lines(&["fail", "disk", "full"]),
+            (
+                default.clone(),
+                vec!["STATUS=disk full".to_owned(), "WATCHDOG=trigger".to_owned()]
+            )
+        );
+        assert_eq!(
+            lines(&["condition", "ready", "on"]).1,
+            vec!["CONDITION=ready=1".to_owned()]
+        );
+        assert_eq!(
+            lines(&["condition", "ready", "off"]).1,
+            vec!["CONDITION=ready=0".to_owned()]
+        );
+        assert_eq!(
+            lines(&["status", "all good"]).1,
+            vec!["STATUS=all good".to_owned()]
+        );
+        for bad in [
+            &["checkpoint"][..],
+            &["fail"],
+            &["condition", "ready", "maybe"],
+            &["--to", "unix:/h", "checkpoint", "x"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_missing_agent_is_one_line_and_exit_1() {
+        let dir = tempfile::tempdir().unwrap();
+        let (socket, lines) = lines(&[
+            "checkpoint",
+            "boot",
+            "--socket",
+            dir.path().join("none.sock").to_str().unwrap(),
+        ]);
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        let err = relay::send_lines(&socket, &lines).unwrap_err();
+        let msg = chain(&err);
+        assert!(msg.starts_with("cannot reach the agent at "), "{msg}");
+        assert!(!msg.contains('\n'), "{msg}");
     }
 }
