@@ -349,6 +349,8 @@ pub struct Awd {
     child: Child,
     /// Log records, one JSON object per line.
     pub log: LineStream,
+    /// Its control socket.
+    pub control: PathBuf,
 }
 
 /// The path of the awd binary under test.
@@ -364,7 +366,13 @@ pub fn agent_bin() -> PathBuf {
 impl Awd {
     /// Starts `awd run ARGS --log-format json`, logs mirrored to `dir/NAME.log`.
     pub fn run(dir: &Path, name: &str, args: &[String]) -> Awd {
+        Self::run_env(dir, name, args, &[])
+    }
+
+    /// [`Awd::run`] with extra environment variables.
+    pub fn run_env(dir: &Path, name: &str, args: &[String], env: &[(&str, &str)]) -> Awd {
         let mut cmd = Command::new(awd_bin());
+        cmd.envs(env.iter().copied());
         cmd.arg("run")
             .args(args)
             .args(["--log-format", "json", "--log", "awd=debug"]);
@@ -384,10 +392,16 @@ impl Awd {
             child.stderr.take().unwrap(),
             Some(dir.join(format!("{name}.log"))),
         );
+        let control = args
+            .iter()
+            .position(|a| a == "--control")
+            .map(|i| PathBuf::from(&args[i + 1]))
+            .unwrap_or_else(|| dir.join(format!("{name}.control.sock")));
         Awd {
             name: name.into(),
             child,
             log,
+            control,
         }
     }
 
@@ -416,6 +430,24 @@ impl Awd {
             .iter()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
             .filter(|v| pred(v))
+            .collect()
+    }
+
+    /// Runs `awd ARGS --control SOCKET` against this awd; returns (status, stdout, stderr).
+    pub fn ctl(&self, args: &[&str]) -> (ExitStatus, String, String) {
+        let mut full: Vec<&str> = args.to_vec();
+        let control = self.control.display().to_string();
+        full.extend(["--control", &control]);
+        awd_oneshot(&full)
+    }
+
+    /// `awd status --json`: one object per watchdog, by id.
+    pub fn status(&self) -> std::collections::BTreeMap<String, Value> {
+        let (st, out, err) = self.ctl(&["status", "--json"]);
+        assert!(st.success(), "awd status failed: {err}");
+        let list: Vec<Value> = serde_json::from_str(&out).expect("status JSON");
+        list.into_iter()
+            .map(|w| (w["id"].as_str().unwrap().to_owned(), w))
             .collect()
     }
 
@@ -481,4 +513,28 @@ pub fn script(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
     p
+}
+
+/// Sends one QMP command on a monitor socket of the test's own (not awd's) and returns the
+/// reply line.
+pub fn qmp(path: &Path, command: &str) -> Value {
+    use std::os::unix::net::UnixStream;
+    let s = UnixStream::connect(path).expect("test QMP socket");
+    s.set_read_timeout(Some(SHORT)).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut w = s;
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap(); // greeting
+    writeln!(w, "{{\"execute\": \"qmp_capabilities\"}}").unwrap();
+    line.clear();
+    r.read_line(&mut line).unwrap();
+    writeln!(w, "{{\"execute\": \"{command}\"}}").unwrap();
+    loop {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap();
+        if v.get("return").is_some() || v.get("error").is_some() {
+            return v;
+        }
+    }
 }
