@@ -221,6 +221,13 @@ fn colo_pair_each_side_detects_the_others_death() {
     secondary.wait_msg("watchdog expired", Some("heart1"), SHORT);
     vm.wait_trace(r#"req: {"execute": "nbd-server-stop""#, SHORT);
     vm.wait_trace(r#"req: {"execute": "x-colo-lost-heartbeat""#, SHORT);
+    let nbd_at = vm
+        .trace
+        .position(|l| l.contains(r#""execute": "nbd-server-stop""#));
+    let colo_at = vm
+        .trace
+        .position(|l| l.contains(r#""execute": "x-colo-lost-heartbeat""#));
+    assert!(nbd_at < colo_at, "script order: nbd-server-stop first");
     let nbd = secondary.wait_msg("action answered with an error", Some("heart1"), SHORT);
     assert_eq!(nbd["line"], "nbd_server_stop");
     assert!(

@@ -74,7 +74,8 @@ pub fn free_port() -> u16 {
 pub struct LineStream {
     rx: Receiver<String>,
     all: Arc<Mutex<Vec<String>>>,
-    seen: usize,
+    /// Lines received but not matched yet, in arrival order.
+    pending: std::collections::VecDeque<String>,
 }
 
 impl LineStream {
@@ -103,20 +104,29 @@ impl LineStream {
                 }
             }
         });
-        LineStream { rx, all, seen: 0 }
+        LineStream {
+            rx,
+            all,
+            pending: Default::default(),
+        }
     }
 
-    /// Waits for the next line matching `pred`, consuming lines up to it.
+    /// Waits for a line matching `pred` and takes it. Lines that do not match stay for later
+    /// waits, so events from concurrent tasks may be awaited in any order; to assert an order,
+    /// compare [`LineStream::position`]s.
     pub fn wait(&mut self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+        if let Some(i) = self.pending.iter().position(|l| pred(l)) {
+            return self.pending.remove(i).expect("index from position");
+        }
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.rx.recv_timeout(left) {
                 Ok(line) => {
-                    self.seen += 1;
                     if pred(&line) {
                         return line;
                     }
+                    self.pending.push_back(line);
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     panic!("timed out after {timeout:?} waiting for {what}")
@@ -128,13 +138,18 @@ impl LineStream {
         }
     }
 
+    /// The index of the first line so far matching `pred`.
+    pub fn position(&self, pred: impl Fn(&str) -> bool) -> Option<usize> {
+        self.all.lock().unwrap().iter().position(|l| pred(l))
+    }
+
     /// Waits for the stream to end (the child closed its end, normally by exiting).
     pub fn wait_eof(&mut self, what: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.rx.recv_timeout(left) {
-                Ok(_) => self.seen += 1,
+                Ok(l) => self.pending.push_back(l),
                 Err(RecvTimeoutError::Timeout) => {
                     panic!("timed out after {timeout:?} waiting for {what} to exit")
                 }
@@ -296,7 +311,9 @@ impl Qemu {
         stdin.flush().unwrap();
         self.console
             .wait(&format!("`{shell}` to finish"), timeout, |l| {
-                l.trim_end() == mark
+                // Agent output may share the line; "AWD-MARK-1" must not match "AWD-MARK-12".
+                l.split(|c: char| !c.is_ascii_alphanumeric() && c != '-')
+                    .any(|w| w == mark)
             });
     }
 
@@ -476,6 +493,8 @@ impl Awd {
 pub const SIGKILL: i32 = 9;
 /// SIGTERM.
 pub const SIGTERM: i32 = 15;
+/// SIGHUP.
+pub const SIGHUP: i32 = 1;
 
 impl Drop for Awd {
     fn drop(&mut self) {
