@@ -282,22 +282,31 @@ pub fn render_table(watchdogs: &[Value]) -> String {
             text(&w["actions_sent"]),
         ));
         if let Some(sups) = w["supervisions"].as_array() {
-            for s in sups {
-                out.push_str(&format!(
-                    "  {:<14} {:<11} {:<10} {}\n",
-                    text(&s["name"]),
-                    text(&s["status"]),
-                    text(&s["kind"]),
-                    s.get("detail").map(text).unwrap_or_default(),
-                ));
+            for sup in sups {
+                let active = match (sup["enabled"].as_bool(), sup["active"].as_bool()) {
+                    (Some(false), _) => "disabled",
+                    (_, Some(false)) => "suspended",
+                    _ => "active",
+                };
+                let row = format!(
+                    "  {:<14} {:<11} {:<9} {:<9} next {:>7} ms  {}",
+                    text(&sup["name"]),
+                    text(&sup["status"]),
+                    text(&sup["kind"]),
+                    active,
+                    text(&sup["next_deadline_ms"]),
+                    sup["last_reason"].as_str().unwrap_or(""),
+                );
+                out.push_str(row.trim_end());
+                out.push('\n');
             }
         }
-        if let Some(conds) = w["conditions"].as_object()
+        if let Some(conds) = w["conditions"].as_array()
             && !conds.is_empty()
         {
             let list: Vec<String> = conds
                 .iter()
-                .map(|(k, v)| format!("{k}={}", text(v)))
+                .map(|c| format!("{}={}", text(&c["name"]), text(&c["value"])))
                 .collect();
             out.push_str(&format!("  conditions: {}\n", list.join(" ")));
         }
