@@ -11,10 +11,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn s(v: &[&str]) -> Vec<String> {
-    v.iter().map(|x| x.to_string()).collect()
-}
-
 fn assert_clean_failure(args: &[&str], want: &str) {
     let (status, _out, err) = awd_oneshot(args);
     assert!(!status.success(), "{args:?} should fail");

@@ -24,10 +24,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn s(v: &[&str]) -> Vec<String> {
-    v.iter().map(|x| x.to_string()).collect()
-}
-
 /// The directory of the libvirt examples.
 fn examples_dir() -> PathBuf {
     repo().join("qemu-args/libvirt")

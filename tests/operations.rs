@@ -12,10 +12,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-fn s(v: &[&str]) -> Vec<String> {
-    v.iter().map(|x| x.to_string()).collect()
-}
-
 /// Receives notify datagrams until one contains `want`; returns everything received.
 fn notify_until(sock: &UnixDatagram, want: &str) -> Vec<String> {
     let mut got = Vec::new();

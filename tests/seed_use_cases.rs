@@ -12,15 +12,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn s(v: &[&str]) -> Vec<String> {
-    v.iter().map(|x| x.to_string()).collect()
-}
-
-fn expiries(awd: &Awd, wd: &str) -> usize {
-    awd.records(|v| v["message"] == "watchdog expired" && v["watchdog"] == wd)
-        .len()
-}
-
 /// Use case 1 with QMP: the guest's agent heartbeats over virtio-serial; while it runs nothing
 /// fires; once it stops (the VM keeps running) awd sends a typed QMP `quit`.
 #[test]

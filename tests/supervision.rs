@@ -12,11 +12,6 @@ use std::time::Instant;
 use common::*;
 use serde_json::Value;
 
-fn expiries(awd: &Awd, wd: &str) -> usize {
-    awd.records(|v| v["message"] == "watchdog expired" && v["watchdog"] == wd)
-        .len()
-}
-
 fn supervision<'a>(status: &'a Value, name: &str) -> &'a Value {
     status["supervisions"]
         .as_array()

@@ -5,10 +5,6 @@ mod common;
 
 use common::*;
 
-fn s(v: &[&str]) -> Vec<String> {
-    v.iter().map(|x| x.to_string()).collect()
-}
-
 /// Drops the `-chardev …awdmon…` / `-mon chardev=awdmon…` option pairs.
 fn without_monitor(args: Vec<String>) -> Vec<String> {
     let mut out = Vec::new();
@@ -21,11 +17,6 @@ fn without_monitor(args: Vec<String>) -> Vec<String> {
         }
     }
     out
-}
-
-fn expiries(awd: &Awd, wd: &str) -> usize {
-    awd.records(|v| v["message"] == "watchdog expired" && v["watchdog"] == wd)
-        .len()
 }
 
 /// The guest's agent over AF_VSOCK keeps the VM alive; once it stops, awd sends a typed QMP

@@ -557,3 +557,14 @@ pub fn qmp(path: &Path, command: &str) -> Value {
         }
     }
 }
+
+/// Owned arguments from string literals.
+pub fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+/// How many times `wd` has logged "watchdog expired" so far.
+pub fn expiries(awd: &Awd, wd: &str) -> usize {
+    awd.records(|v| v["message"] == "watchdog expired" && v["watchdog"] == wd)
+        .len()
+}
