@@ -14,6 +14,10 @@
 //! written is skipped (and counted), and a lost connection is reopened on the next tick. It
 //! uses only std and libc, so the static binary stays small.
 //!
+//! Two options serve benchmarks: `reply_pulses` answers each AWD pulse at once (the host
+//! measures the round trip), and [`Agent::flood`] (`--interval 0`) is a load mode that writes
+//! a number of lines as fast as the channel takes them, with blocking writes.
+//!
 //! ## The local socket
 //!
 //! The running agent also listens on a Unix socket in the guest ([`DEFAULT_SOCKET`], mode
@@ -44,7 +48,7 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::protocol::{Decoder, MAX_LINE, Message, Rejection, parse_line};
+use crate::protocol::{Decoder, MAX_LINE, Message, PULSE_REPLY, Rejection, frame, parse_line};
 
 /// Where the agent sends heartbeats.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,6 +194,16 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
     // SAFETY: as above.
     if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn set_blocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor we own.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
@@ -498,6 +512,9 @@ pub struct AgentConfig {
     pub count: Option<u64>,
     /// Exit with an error when no AWD pulse arrived for this long (the host watchdog is gone).
     pub expect_pulses: Option<Duration>,
+    /// Answer each AWD pulse at once with an `advanced-watchdog reply pulse` frame, so the
+    /// host can measure the round trip (`awd_pulse_rtt_seconds`).
+    pub reply_pulses: bool,
     /// The local socket for guest programs (`None`: none).
     pub socket: Option<LocalSocket>,
 }
@@ -508,6 +525,15 @@ pub enum AgentError {
     /// `--expect-pulses` and the pulses stopped.
     #[error("no pulse from the host for {0:?}: the host watchdog is gone")]
     PulsesStopped(Duration),
+    /// [`Agent::flood`] could not open or write to the host channel.
+    #[error("flooding {target} failed")]
+    Flood {
+        /// The target.
+        target: String,
+        /// What failed.
+        #[source]
+        source: io::Error,
+    },
     /// poll(2) failed.
     #[error("poll failed")]
     Poll(#[source] io::Error),
@@ -590,12 +616,25 @@ pub struct AgentStats {
     pub skipped: u64,
     /// Pulses received from the host.
     pub pulses: u64,
+    /// Pulse replies written (`reply_pulses`).
+    pub replies: u64,
     /// Connections opened.
     pub connects: u64,
     /// Lines from local clients written to the host.
     pub relayed: u64,
     /// Lines (and connections) from local clients refused, the host being absent included.
     pub refused: u64,
+}
+
+/// What [`Agent::flood`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FloodReport {
+    /// Lines written.
+    pub lines: u64,
+    /// Bytes written.
+    pub bytes: u64,
+    /// From the first write's start to the last write's return.
+    pub elapsed: Duration,
 }
 
 /// How far a message got to the host.
@@ -817,6 +856,9 @@ impl Agent {
                     if pulses > 0 {
                         self.stats.pulses += pulses;
                         self.last_pulse = Instant::now();
+                        if self.cfg.reply_pulses {
+                            self.reply_pulses(pulses);
+                        }
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -826,6 +868,18 @@ impl Agent {
                     self.drop_conn(&why);
                     return;
                 }
+            }
+        }
+    }
+
+    /// Answers `n` pulses at once, one reply frame each, after whatever is pending. Never
+    /// blocks: a reply the host cannot take now is dropped, like a heartbeat.
+    fn reply_pulses(&mut self, n: u64) {
+        let reply = frame(PULSE_REPLY.as_bytes());
+        for _ in 0..n {
+            match self.write_host(&reply, false) {
+                Written::Whole | Written::Started => self.stats.replies += 1,
+                Written::Not => return,
             }
         }
     }
@@ -1064,6 +1118,40 @@ impl Agent {
         }
     }
 
+    /// Load mode (`--interval 0`): opens the target, writes the heartbeat line `count` times
+    /// (`None`: once) as fast as the channel takes them, with *blocking* writes, and returns
+    /// how long the writes took. No local socket, no pulses: a benchmark's guest load, paced
+    /// by the host side (on vsock, by its credit updates).
+    pub fn flood(&mut self) -> Result<FloodReport, AgentError> {
+        let err = |source| AgentError::Flood {
+            target: self.cfg.target.to_string(),
+            source,
+        };
+        let mut conn = open(&self.cfg.target).map_err(err)?;
+        self.stats.connects += 1;
+        eprintln!("awd-agent: connected to {}", self.cfg.target);
+        set_blocking(conn.fd()).map_err(err)?;
+        let lines = self.cfg.count.unwrap_or(1);
+        let start = Instant::now();
+        for _ in 0..lines {
+            let mut rest = &self.beat_line[..];
+            while !rest.is_empty() {
+                match conn.write(rest) {
+                    Ok(0) => return Err(err(io::ErrorKind::WriteZero.into())),
+                    Ok(n) => rest = &rest[n..],
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(err(e)),
+                }
+            }
+            self.stats.sent += 1;
+        }
+        Ok(FloodReport {
+            lines,
+            bytes: lines * self.beat_line.len() as u64,
+            elapsed: start.elapsed(),
+        })
+    }
+
     /// Runs until `count` heartbeats were sent, or forever. With `expect_pulses`, fails when
     /// the host's pulses stop. Opens the local socket first, if configured.
     pub fn run(&mut self) -> Result<AgentStats, AgentError> {
@@ -1238,6 +1326,7 @@ mod tests {
             message: "WATCHDOG=1".into(),
             count: None,
             expect_pulses: None,
+            reply_pulses: false,
             socket: socket.map(|p| LocalSocket {
                 path: p.to_owned(),
                 required: true,
@@ -1466,6 +1555,61 @@ mod tests {
         assert_eq!(agent.stats().pulses, 1);
         let err = agent.run().unwrap_err();
         assert!(matches!(err, AgentError::PulsesStopped(_)), "{err}");
+    }
+
+    #[test]
+    fn with_reply_pulses_each_pulse_is_answered_at_once() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let mut cfg = config(Target::Unix("/unused".into()), None, HOUR);
+        cfg.reply_pulses = true;
+        let mut agent = Agent::new(cfg);
+        agent.conn = Some(Conn::Unix(ours));
+        let pulse = crate::protocol::frame(crate::protocol::PULSE.as_bytes());
+        theirs
+            .write_all(&[&pulse[..], &pulse[..]].concat())
+            .unwrap();
+        agent
+            .wait(Instant::now() + Duration::from_millis(20))
+            .unwrap();
+        assert_eq!((agent.stats().pulses, agent.stats().replies), (2, 2));
+        let reply = frame(PULSE_REPLY.as_bytes());
+        let mut got = vec![0u8; 2 * reply.len()];
+        theirs.set_read_timeout(Some(LIMIT)).unwrap();
+        theirs.read_exact(&mut got).unwrap();
+        assert_eq!(got, [&reply[..], &reply[..]].concat());
+    }
+
+    #[test]
+    fn flood_writes_count_lines_with_blocking_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("host.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let reader = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut all = Vec::new();
+            BufReader::new(s).read_to_end(&mut all).unwrap();
+            all
+        });
+        let mut cfg = config(Target::Unix(path), None, Duration::ZERO);
+        // Far more than a socket buffer: the writes must block, not skip.
+        cfg.count = Some(50_000);
+        let mut agent = Agent::new(cfg);
+        let report = agent.flood().unwrap();
+        assert_eq!((report.lines, report.bytes), (50_000, 550_000));
+        assert_eq!(agent.stats().sent, 50_000);
+        drop(agent);
+        let all = reader.join().unwrap();
+        assert_eq!(all.len(), 550_000);
+        assert!(all.chunks(11).all(|l| l == b"WATCHDOG=1\n"));
+        let err = Agent::new(config(
+            Target::Unix(dir.path().join("absent.sock")),
+            None,
+            Duration::ZERO,
+        ))
+        .flood()
+        .unwrap_err();
+        assert!(matches!(err, AgentError::Flood { .. }), "{err}");
     }
 
     #[test]

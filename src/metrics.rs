@@ -16,6 +16,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetri
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::engine::GlobalStatus;
@@ -61,6 +62,7 @@ pub struct Metrics {
     status: Family<WatchdogLabels, Gauge>,
     connections: Family<WatchdogLabels, Gauge>,
     pulses: Family<WatchdogLabels, Counter>,
+    pulse_rtt: Family<WatchdogLabels, Histogram>,
     live: Arc<LiveWatchdogs>,
     vsock: Arc<VsockDevices>,
 }
@@ -208,6 +210,16 @@ impl Collector for LiveWatchdogs {
     }
 }
 
+/// Upper bounds of the `awd_pulse_rtt_seconds` buckets: 50 µs to 1 s.
+pub const PULSE_RTT_BUCKETS: [f64; 14] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0,
+];
+
+fn pulse_rtt_histogram() -> Histogram {
+    Histogram::new(PULSE_RTT_BUCKETS)
+}
+
 fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -234,6 +246,7 @@ impl Metrics {
             status: Family::default(),
             connections: Family::default(),
             pulses: Family::default(),
+            pulse_rtt: Family::new_with_constructor(pulse_rtt_histogram),
             live: Arc::default(),
             vsock: Arc::default(),
         };
@@ -267,6 +280,11 @@ impl Metrics {
             "pulses_sent",
             "AWD pulses and pulse replies sent",
             m.pulses.clone(),
+        );
+        registry.register(
+            "pulse_rtt_seconds",
+            "Round trip from an AWD pulse sent to its reply received, per watchdog (server role)",
+            m.pulse_rtt.clone(),
         );
         registry.register_collector(Box::new(m.live.clone()));
         registry.register_collector(Box::new(m.vsock.clone()));
@@ -306,6 +324,7 @@ impl Metrics {
             status: self.status.get_or_create(&l).clone(),
             connections: self.connections.get_or_create(&l).clone(),
             pulses: self.pulses.get_or_create(&l).clone(),
+            pulse_rtt: self.pulse_rtt.get_or_create(&l).clone(),
             last_heartbeat_ms: AtomicU64::new(0),
             started_ms: unix_ms(),
         });
@@ -329,6 +348,7 @@ impl Metrics {
         for f in [&self.status, &self.connections] {
             f.remove(&l);
         }
+        self.pulse_rtt.remove(&l);
         for r in Rejection::ALL {
             self.rejected.remove(&RejectLabels {
                 watchdog: watchdog.into(),
@@ -400,6 +420,8 @@ pub struct WatchdogMetrics {
     pub connections: Gauge,
     /// Pulses and replies sent.
     pub pulses: Counter,
+    /// Pulse → reply round trips (server role), in seconds.
+    pub pulse_rtt: Histogram,
     /// Wall-clock time of the last heartbeat, ms since the Unix epoch (0: never).
     pub last_heartbeat_ms: AtomicU64,
     /// Wall-clock time the watchdog started, ms since the Unix epoch.
@@ -522,12 +544,15 @@ mod tests {
         let w = m.watchdog("vm1", "hb");
         w.heard(3);
         w.reject(Rejection::InvalidUtf8);
+        w.pulse_rtt.observe(0.0003);
         let text = m.encode();
         for needle in [
             "awd_heartbeats_total{watchdog=\"vm1\",channel=\"hb\"} 3",
             "awd_rejected_inputs_total{watchdog=\"vm1\",channel=\"hb\",reason=\"invalid_utf8\"} 1",
             "awd_seconds_since_last_heartbeat{watchdog=\"vm1\",channel=\"hb\"}",
             "awd_status{watchdog=\"vm1\",channel=\"hb\"} 0",
+            "awd_pulse_rtt_seconds_bucket{le=\"0.0005\",watchdog=\"vm1\",channel=\"hb\"} 1",
+            "awd_pulse_rtt_seconds_count{watchdog=\"vm1\",channel=\"hb\"} 1",
             "# EOF",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");

@@ -14,6 +14,7 @@ Examples:
   awd-agent --to port:org.awd.heartbeat.0 --interval 1000     # virtio-serial port by name
   awd-agent --to vsock:2:9009 --interval 1000 --expect-pulses 5000
   awd-agent --to tcp:192.0.2.1:9009 --interval 500
+  awd-agent --to vsock:2:9009 --interval 0 --count 200000   # load: blocking writes, timed
   awd-agent checkpoint db-ready          # through the running agent's local socket
   awd-agent condition maintenance on
   awd-agent fail 'disk full'             # STATUS=disk full, then WATCHDOG=trigger";
@@ -44,8 +45,9 @@ struct RunArgs {
     /// Where to send: port:NAME, tcp:HOST:PORT, unix:PATH or vsock:CID:PORT.
     #[arg(long, required = true)]
     to: Option<Target>,
-    /// Milliseconds between heartbeats.
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Milliseconds between heartbeats. 0 is a load mode for benchmarks: write --count lines
+    /// as fast as the channel accepts them, with blocking writes, then print how long it took.
+    #[arg(long, default_value_t = 1000)]
     interval: u64,
     /// The line sent as a heartbeat.
     #[arg(long, default_value = "WATCHDOG=1")]
@@ -56,6 +58,10 @@ struct RunArgs {
     /// Exit non-zero when no AWD pulse arrives from the host for this many milliseconds.
     #[arg(long, value_name = "MS")]
     expect_pulses: Option<u64>,
+    /// Answer each AWD pulse from the host at once with a reply frame, so the host can
+    /// measure the round trip.
+    #[arg(long)]
+    reply_pulses: bool,
     /// The local socket guest programs send lines to [default: /run/awd-agent.sock]. Failing to
     /// listen on the default is only a warning; on a path given here it is an error.
     #[arg(long, value_name = "PATH")]
@@ -183,6 +189,9 @@ fn run(args: RunArgs) -> ExitCode {
         eprintln!("awd-agent: error: --message must be one line");
         return ExitCode::FAILURE;
     }
+    if args.interval == 0 {
+        return flood(target, args.message, args.count);
+    }
     let socket = (!args.no_socket).then(|| LocalSocket {
         required: args.socket.is_some(),
         path: args.socket.unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
@@ -193,12 +202,47 @@ fn run(args: RunArgs) -> ExitCode {
         message: args.message,
         count: args.count,
         expect_pulses: args.expect_pulses.map(Duration::from_millis),
+        reply_pulses: args.reply_pulses,
         socket,
     });
     eprintln!("awd-agent: started");
     match agent.run() {
         Ok(stats) => {
             eprintln!("awd-agent: done: {stats:?}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("awd-agent: error: {} ({:?})", chain(&e), agent.stats());
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `--interval 0`: the load mode.
+fn flood(target: Target, message: String, count: Option<u64>) -> ExitCode {
+    let Some(count) = count else {
+        eprintln!("awd-agent: error: --interval 0 needs --count");
+        return ExitCode::from(2);
+    };
+    let mut agent = Agent::new(AgentConfig {
+        target,
+        interval: Duration::ZERO,
+        message,
+        count: Some(count),
+        expect_pulses: None,
+        reply_pulses: false,
+        socket: None,
+    });
+    match agent.flood() {
+        Ok(r) => {
+            let secs = r.elapsed.as_secs_f64();
+            eprintln!(
+                "awd-agent: flood: {} lines, {} bytes in {:.3} s ({:.0} lines/s)",
+                r.lines,
+                r.bytes,
+                secs,
+                r.lines as f64 / secs.max(1e-9)
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -11,7 +11,7 @@
 //! then; `stopped_script` runs on the transition to STOPPED. An expired watchdog stops its
 //! pulses ("stop alive reporting").
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -96,6 +96,9 @@ pub struct WatchdogStatus {
     pub actions_failed: u64,
     /// Pulses and replies sent.
     pub pulses_sent: u64,
+    /// The latest pulse → reply round trip on any connection, in µs (server role; `None`
+    /// until a reply arrived).
+    pub last_pulse_rtt_us: Option<u64>,
     /// The VM's run state as its QMP monitor reports it, if awd follows one.
     pub vm_running: Option<bool>,
     /// While escalating: how many steps have run and when the next one is due.
@@ -146,7 +149,15 @@ pub struct WatchdogTask {
     vm_open: bool,
     pulse: Bytes,
     reply: Bytes,
+    /// When each connection's unanswered pulses were sent, oldest first.
+    pulses_out: BTreeMap<ConnId, VecDeque<Instant>>,
+    /// The latest measured round trip.
+    last_rtt: Option<Duration>,
 }
+
+/// Unanswered pulses remembered per connection; older ones are forgotten (their replies are
+/// then not measured).
+const MAX_UNANSWERED: usize = 16;
 
 fn pulse_timer(role: Role, interval: Option<Duration>) -> Option<Interval> {
     match (role, interval) {
@@ -195,6 +206,8 @@ impl WatchdogTask {
             vm_open,
             pulse: Bytes::from(frame(PULSE.as_bytes())),
             reply: Bytes::from(frame(PULSE_REPLY.as_bytes())),
+            pulses_out: BTreeMap::new(),
+            last_rtt: None,
         }
     }
 
@@ -281,6 +294,7 @@ impl WatchdogTask {
         self.role = cfg.role;
         self.pulse_interval = cfg.pulse_interval;
         self.pulses = pulse_timer(self.role, self.pulse_interval);
+        self.pulses_out.clear();
         self.script = Arc::new(cfg.script.clone());
         self.escalation = cfg
             .escalation
@@ -375,6 +389,7 @@ impl WatchdogTask {
             actions_sent: self.metrics.actions_sent.get(),
             actions_failed: self.metrics.actions_failed.get(),
             pulses_sent: self.metrics.pulses.get(),
+            last_pulse_rtt_us: self.last_rtt.map(|d| d.as_micros() as u64),
             vm_running: self.links.vm.as_ref().and_then(|v| *v.borrow()),
             escalation: self.escalating.map(|(_, run)| EscalationStatus {
                 steps_run: run + 1,
@@ -434,6 +449,7 @@ impl WatchdogTask {
             ChannelEvent::Disconnected { conn, .. } => {
                 // The timer goes on: a disconnect is silence, not input.
                 self.conns.remove(&conn);
+                self.pulses_out.remove(&conn);
             }
             ChannelEvent::Heartbeats { conn, count } => {
                 trace!(watchdog = &*self.id, conn, count, "heartbeat");
@@ -467,7 +483,10 @@ impl WatchdogTask {
                         }
                         self.engine.handle(Event::Heartbeat, at)
                     }
-                    Signal::PulseReply => self.engine.handle(Event::Heartbeat, at),
+                    Signal::PulseReply => {
+                        self.pulse_answered(conn);
+                        self.engine.handle(Event::Heartbeat, at)
+                    }
                     Signal::Checkpoint(c) => {
                         debug!(watchdog = &*self.id, conn, checkpoint = &**c, "checkpoint");
                         self.engine.handle(Event::Checkpoint(c), at)
@@ -542,26 +561,55 @@ impl WatchdogTask {
     fn send_pulses(&mut self) {
         let conns: Vec<ConnId> = self.conns.keys().copied().collect();
         for conn in conns {
-            self.send(conn, self.pulse.clone());
+            if self.send(conn, self.pulse.clone()) {
+                let out = self.pulses_out.entry(conn).or_default();
+                if out.len() >= MAX_UNANSWERED {
+                    out.pop_front();
+                }
+                out.push_back(Instant::now());
+            }
         }
     }
 
-    fn send(&mut self, conn: ConnId, bytes: Bytes) {
-        let Some(tx) = self.conns.get(&conn) else {
+    /// A reply arrived on `conn`: a peer answers each pulse in order on its stream, so it
+    /// answers the oldest unanswered one. A reply with no pulse outstanding (a client's
+    /// announcement on connect) is not measured.
+    fn pulse_answered(&mut self, conn: ConnId) {
+        let Some(sent) = self.pulses_out.get_mut(&conn).and_then(VecDeque::pop_front) else {
             return;
+        };
+        let rtt = sent.elapsed();
+        self.metrics.pulse_rtt.observe(rtt.as_secs_f64());
+        self.last_rtt = Some(rtt);
+        debug!(
+            watchdog = &*self.id,
+            conn,
+            rtt_us = rtt.as_micros() as u64,
+            "pulse round trip"
+        );
+    }
+
+    /// Queues `bytes` on `conn`; true when queued.
+    fn send(&mut self, conn: ConnId, bytes: Bytes) -> bool {
+        let Some(tx) = self.conns.get(&conn) else {
+            return false;
         };
         match tx.try_write(bytes) {
             Ok(()) => {
                 self.metrics.pulses.inc();
+                true
             }
             Err(TryWriteError::Full) => {
                 debug!(
                     watchdog = &*self.id,
                     conn, "pulse skipped: the peer is not reading"
                 );
+                false
             }
             Err(TryWriteError::Closed) => {
                 self.conns.remove(&conn);
+                self.pulses_out.remove(&conn);
+                false
             }
         }
     }
@@ -781,6 +829,55 @@ mod tests {
         beat(&h).await;
         advance(1000).await;
         assert!(rx.try_recv().is_ok(), "pulses resume once re-armed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_measures_each_pulse_round_trip() {
+        let h = start(5000, None, Role::Server, Some(1000));
+        let (tx, mut rx) = mpsc::channel(64);
+        h.events
+            .send(ChannelEvent::Connected {
+                conn: 7,
+                peer: "p".into(),
+                tx: Box::new(tx),
+            })
+            .await
+            .unwrap();
+        settle().await;
+        let reply = |conn| ChannelEvent::Signal {
+            conn,
+            signal: Signal::PulseReply,
+        };
+        // A reply with no pulse outstanding (a client announcing itself) is not measured.
+        h.events.send(reply(7)).await.unwrap();
+        settle().await;
+        assert_eq!(status(&h).await.last_pulse_rtt_us, None);
+        advance(1000).await;
+        assert!(rx.try_recv().is_ok(), "a pulse went out");
+        advance(3).await;
+        h.events.send(reply(7)).await.unwrap();
+        settle().await;
+        assert_eq!(status(&h).await.last_pulse_rtt_us, Some(3000));
+        // Two pulses unanswered, then both replies: each is matched to its own pulse.
+        advance(997).await;
+        advance(1000).await;
+        advance(10).await;
+        h.events.send(reply(7)).await.unwrap();
+        settle().await;
+        assert_eq!(status(&h).await.last_pulse_rtt_us, Some(1_010_000));
+        h.events.send(reply(7)).await.unwrap();
+        settle().await;
+        assert_eq!(status(&h).await.last_pulse_rtt_us, Some(10_000));
+        // The histogram saw the three round trips: 3 ms, 1.01 s and 10 ms.
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register("rtt", "t", h.metrics.pulse_rtt.clone());
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(text.contains("rtt_count 3\n"), "{text}");
+        assert!(text.contains("rtt_bucket{le=\"0.005\"} 1\n"), "{text}");
+        assert!(text.contains("rtt_bucket{le=\"0.025\"} 2\n"), "{text}");
+        h.shutdown.cancel();
+        h.task.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]
