@@ -58,24 +58,6 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn s(v: &[&str]) -> Vec<String> {
-    v.iter().map(|x| x.to_string()).collect()
-}
-
-/// Drops the `-chardev …awdmon…` / `-mon chardev=awdmon…` option pairs (no QMP needed here).
-fn without_monitor(args: Vec<String>) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut it = args.into_iter();
-    while let Some(opt) = it.next() {
-        let value = it.next().unwrap_or_default();
-        if !value.contains("awdmon") {
-            out.push(opt);
-            out.push(value);
-        }
-    }
-    out
-}
-
 /// A child process killed (and reaped) on drop.
 struct Killed(Child);
 

@@ -5,20 +5,6 @@ mod common;
 
 use common::*;
 
-/// Drops the `-chardev …awdmon…` / `-mon chardev=awdmon…` option pairs.
-fn without_monitor(args: Vec<String>) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut it = args.into_iter();
-    while let Some(opt) = it.next() {
-        let value = it.next().unwrap_or_default();
-        if !value.contains("awdmon") {
-            out.push(opt);
-            out.push(value);
-        }
-    }
-    out
-}
-
 /// The guest's agent over AF_VSOCK keeps the VM alive; once it stops, awd sends a typed QMP
 /// `quit` and QEMU exits.
 #[test]

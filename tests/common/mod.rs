@@ -568,3 +568,18 @@ pub fn expiries(awd: &Awd, wd: &str) -> usize {
     awd.records(|v| v["message"] == "watchdog expired" && v["watchdog"] == wd)
         .len()
 }
+
+/// An argument list without its `-chardev …awdmon…` / `-mon chardev=awdmon…` option pairs (the
+/// monitor awd would use), for runs that need no QMP.
+pub fn without_monitor(args: Vec<String>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut it = args.into_iter();
+    while let Some(opt) = it.next() {
+        let value = it.next().unwrap_or_default();
+        if !value.contains("awdmon") {
+            out.push(opt);
+            out.push(value);
+        }
+    }
+    out
+}
