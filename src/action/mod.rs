@@ -189,6 +189,9 @@ impl Runner {
         match Monitor::connect(&self.chardev.endpoint).await {
             Ok(m) => {
                 info!(node = %self.chardev.id, endpoint = %self.chardev.endpoint, kind = m.kind(), "notification node connected");
+                if m.qmp().is_none() {
+                    debug!(node = %self.chardev.id, "not a QMP monitor: the VM's run state (vm-running) cannot be followed here");
+                }
                 if let Some(c) = m.qmp() {
                     tokio::spawn(track_vm(
                         c.clone(),

@@ -642,6 +642,17 @@ impl Config {
                     other,
                 });
             }
+            let links_vm = wc
+                .engine
+                .supervisions()
+                .any(|(_, _, conds)| conds.iter().any(|c| c == crate::engine::VM_RUNNING));
+            if links_vm && wc.notification_node.is_none() {
+                cfg.notes.push(format!(
+                    "watchdog '{}': vm-running is followed on the notification node's QMP \
+                     connection; without a notification_node it stays true",
+                    wc.id
+                ));
+            }
             if let Some(iothread) = &w.iothread {
                 cfg.notes.push(format!(
                     "watchdog '{}': iothread={iothread} is accepted and ignored (awd runs its own threads)",
