@@ -1,0 +1,105 @@
+//! The client side of the agent's local socket: how `awd-agent checkpoint …` and guest
+//! programs send a line through the running agent, which holds the one channel to the host.
+//!
+//! ```no_run
+//! use std::path::Path;
+//! use awd::agent::{DEFAULT_SOCKET, relay};
+//!
+//! relay::send_line(Path::new(DEFAULT_SOCKET), "CHECKPOINT=ready")?;
+//! # Ok::<(), awd::agent::AgentError>(())
+//! ```
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use super::{AgentError, relayable, shorten};
+
+/// How long to wait for the agent's answer to a line; the agent answers at once unless it
+/// is stuck, and a stuck agent must not hang the program that reports.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest answer read.
+const MAX_REPLY: u64 = 1024;
+
+/// Sends one protocol line (without newline) through the running agent at `socket`, and
+/// returns once the agent has written it to the host.
+pub fn send_line(socket: &Path, line: &str) -> Result<(), AgentError> {
+    send_lines(socket, &[line])
+}
+
+/// Sends lines in order over one connection, each after the agent accepted the one
+/// before; stops at the first refusal. Every line is checked before anything is sent, so
+/// an invalid line sends nothing.
+pub fn send_lines(socket: &Path, lines: &[&str]) -> Result<(), AgentError> {
+    for line in lines {
+        // `relayable` drops one trailing `\r`, which the agent would drop too.
+        if let Err(reason) = relayable(line.as_bytes()) {
+            return Err(AgentError::LineInvalid {
+                line: shorten(line),
+                reason,
+            });
+        }
+    }
+    let stream = UnixStream::connect(socket).map_err(|source| AgentError::SocketConnect {
+        path: socket.to_owned(),
+        source,
+    })?;
+    let io_err = |source| AgentError::SocketIo {
+        path: socket.to_owned(),
+        source,
+    };
+    stream
+        .set_read_timeout(Some(REPLY_TIMEOUT))
+        .map_err(io_err)?;
+    stream
+        .set_write_timeout(Some(REPLY_TIMEOUT))
+        .map_err(io_err)?;
+    let mut reader = BufReader::new(&stream);
+    let mut reply = Vec::new();
+    for line in lines {
+        let mut msg = Vec::with_capacity(line.len() + 1);
+        msg.extend_from_slice(line.as_bytes());
+        msg.push(b'\n');
+        // On a failed write the agent may still have said why (too many clients).
+        let sent = (&stream).write_all(&msg);
+        reply.clear();
+        let read = (&mut reader).take(MAX_REPLY).read_until(b'\n', &mut reply);
+        let Some(text) = reply.strip_suffix(b"\n") else {
+            return Err(match (sent, read) {
+                (Err(e), _) => io_err(e),
+                (Ok(()), Err(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    AgentError::ReplyTimeout {
+                        path: socket.to_owned(),
+                    }
+                }
+                (Ok(()), Err(e)) => io_err(e),
+                // Closed without a full answer, or an answer too long to be the agent's.
+                (Ok(()), Ok(_)) => AgentError::ReplyInvalid {
+                    path: socket.to_owned(),
+                    reply: shorten(&String::from_utf8_lossy(&reply)),
+                },
+            });
+        };
+        let text = String::from_utf8_lossy(text);
+        if text == "OK" {
+            continue;
+        }
+        return Err(match text.strip_prefix("ERR ") {
+            Some(reason) => AgentError::LineRefused {
+                line: shorten(line),
+                reason: reason.to_owned(),
+            },
+            None => AgentError::ReplyInvalid {
+                path: socket.to_owned(),
+                reply: shorten(&text),
+            },
+        });
+    }
+    Ok(())
+}
