@@ -451,6 +451,7 @@ impl WatchdogTask {
                 self.conns.remove(&conn);
                 self.pulses_out.remove(&conn);
             }
+            ChannelEvent::StartedOver { reason } => self.start_over(&reason),
             ChannelEvent::Heartbeats { conn, count } => {
                 trace!(watchdog = &*self.id, conn, count, "heartbeat");
                 self.metrics.heard(u64::from(count));
@@ -506,6 +507,11 @@ impl WatchdogTask {
                 self.apply(o.changes);
             }
         }
+    }
+
+    /// The VM started over (see [`ChannelEvent::StartedOver`]).
+    fn start_over(&mut self, reason: &str) {
+        info!(watchdog = &*self.id, reason, "the VM started over");
     }
 
     fn apply(&mut self, changes: Vec<Change>) {

@@ -99,6 +99,13 @@ pub enum ChannelEvent {
         /// How many.
         count: u32,
     },
+    /// The VM behind the channel started over: a new vhost-user frontend (a new QEMU), or the
+    /// guest reset its device (a reboot). The watchdog re-enters its grace, as at awd's start,
+    /// and cancels pending escalation steps: a booting guest is not silent.
+    StartedOver {
+        /// What was seen, for logs.
+        reason: String,
+    },
     /// A message with a meaning beyond "alive"; it refreshes the timer too.
     Signal {
         /// The connection.

@@ -1601,6 +1601,7 @@ mod tests {
                 ChannelEvent::Heartbeats { count, .. } => format!("beats {count}"),
                 ChannelEvent::Signal { .. } => "signal".into(),
                 ChannelEvent::Disconnected { .. } => "disconnected".into(),
+                ChannelEvent::StartedOver { .. } => "started over".into(),
             })
             .collect();
         assert_eq!(
