@@ -40,6 +40,7 @@ pub mod packet;
 pub mod stats;
 #[cfg(test)]
 mod test_driver;
+pub mod tx;
 
 use std::io;
 use std::os::fd::AsRawFd;

@@ -1,13 +1,12 @@
 //! The virtio-vsock packet header: constants, and a plain copy of the header that the device
 //! can inspect and build without touching guest memory again.
 //!
-//! Parsing descriptor chains is left to `virtio_vsock::packet::VsockPacket`; this module only
-//! turns its getters into a value ([`Header::from_packet`]) and encodes headers for the rx
-//! queue ([`Header::encode`]), so no header field is ever read twice from guest memory (a
-//! hostile guest could change it in between).
+//! Tx chains are read by [`super::tx`], which copies the header once and decodes it here
+//! ([`Header::decode`]); headers for the rx queue are encoded here ([`Header::encode`]). No
+//! header field is ever read twice from guest memory (a hostile guest could change it in
+//! between).
 
-use virtio_vsock::packet::{PKT_HEADER_SIZE, VsockPacket};
-use vm_memory::bitmap::BitmapSlice;
+use virtio_vsock::packet::PKT_HEADER_SIZE;
 
 /// The host's CID: the only destination awd answers for.
 pub const HOST_CID: u64 = 2;
@@ -58,22 +57,6 @@ pub struct Header {
 }
 
 impl Header {
-    /// Copies the header out of a parsed tx packet.
-    pub fn from_packet<B: BitmapSlice>(p: &VsockPacket<'_, B>) -> Header {
-        Header {
-            src_cid: p.src_cid(),
-            dst_cid: p.dst_cid(),
-            src_port: p.src_port(),
-            dst_port: p.dst_port(),
-            len: p.len(),
-            type_: p.type_(),
-            op: p.op(),
-            flags: p.flags(),
-            buf_alloc: p.buf_alloc(),
-            fwd_cnt: p.fwd_cnt(),
-        }
-    }
-
     /// The packed little-endian wire form.
     pub fn encode(&self) -> [u8; HEADER_SIZE] {
         let mut b = [0u8; HEADER_SIZE];
@@ -90,7 +73,7 @@ impl Header {
         b
     }
 
-    /// Parses the packed wire form (tests and tools; the device reads through `VsockPacket`).
+    /// Parses the packed wire form.
     pub fn decode(b: &[u8; HEADER_SIZE]) -> Header {
         let u64_at = |o: usize| {
             let mut a = [0u8; 8];

@@ -5,14 +5,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// Why a guest packet or descriptor chain was dropped. Each reason has its own counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Malformed {
-    /// The head descriptor of a tx chain is shorter than the 44-byte header.
+    /// A tx chain carries fewer bytes than the 44-byte header.
     ShortHeader,
-    /// The header's `len` is larger than the payload the chain carries, or than 64 KiB.
+    /// The header's `len` is larger than the payload the whole chain carries, or than 64 KiB.
     BadLen,
     /// A device-writable descriptor on the tx queue (or a read-only one on the rx queue).
     WrongDirection,
-    /// A descriptor index or address outside the queue or guest memory, or a payload split
-    /// across memory regions.
+    /// A descriptor index or address outside the queue or guest memory, a chain that loops
+    /// back on itself, or one with no usable descriptor.
     BadDescriptor,
     /// A socket type other than stream.
     BadType,

@@ -325,6 +325,37 @@ impl Driver {
         ring.push(&self.mem, &descs);
     }
 
+    /// Queues `hdr` and `payload` as one byte stream cut at `cuts` (sorted offsets into the
+    /// 44-byte header plus payload; repeats give zero-length descriptors), one descriptor per
+    /// piece, each piece in the buffer of its own descriptor slot; runs the device and returns
+    /// the tx used entries.
+    pub fn send_split(&mut self, hdr: &Header, payload: &[u8], cuts: &[usize]) -> Vec<(u32, u32)> {
+        let mut bytes = hdr.encode().to_vec();
+        bytes.extend_from_slice(payload);
+        let ring = &mut self.rings[usize::from(TX_QUEUE)];
+        let base = ring.next_buffer();
+        let mut descs = Vec::new();
+        let mut start = 0;
+        for (i, &end) in cuts.iter().chain(std::iter::once(&bytes.len())).enumerate() {
+            let end = end.clamp(start, bytes.len());
+            // Pieces of one chain never share a buffer, and go backwards through memory, so
+            // no two are adjacent.
+            let addr = base + (cuts.len() - i) as u64 * TX_STRIDE;
+            self.mem
+                .write_slice(&bytes[start..end], GuestAddress(addr))
+                .expect("fragment buffer");
+            descs.push(Desc {
+                addr,
+                len: (end - start) as u32,
+                write: false,
+            });
+            start = end;
+        }
+        ring.push(&self.mem, &descs);
+        self.event(TX_QUEUE);
+        self.rings[usize::from(TX_QUEUE)].used(&self.mem)
+    }
+
     /// Sends one packet and runs the device; returns the tx used entries it produced.
     pub fn send(&mut self, hdr: &Header, payload: &[u8]) -> Vec<(u32, u32)> {
         self.queue_packet(hdr, payload);
