@@ -442,7 +442,8 @@ impl Daemon {
         }
         summary.removed = removed.clone();
 
-        // vsock devices: ports and CIDs of a running device cannot change.
+        // vsock devices: the port set and CID of a running device cannot change; which
+        // watchdog a port feeds can (a renamed chardev, a watchdog moved to another port).
         let mut wanted_devices: BTreeMap<PathBuf, (u64, BTreeMap<u32, String>)> = BTreeMap::new();
         for w in &cfg.watchdogs {
             if let Chardev::Vsock(VsockChardev {
@@ -461,7 +462,7 @@ impl Daemon {
         }
         for (path, (cid, ports)) in &wanted_devices {
             if let Some(d) = st.vsock.get(path)
-                && (d.guest_cid != *cid || d.ports != *ports)
+                && (d.guest_cid != *cid || !d.ports.keys().eq(ports.keys()))
             {
                 return Err(DaemonError::VsockChanged(path.clone()));
             }
@@ -565,6 +566,25 @@ impl Daemon {
                 d.device.stop();
                 d.device.stopped().await;
             }
+        }
+        // Running devices: a port whose watchdog starts anew (added or replaced) feeds the
+        // new one from now on, its guest connections kept.
+        for (path, (_, ports)) in &wanted_devices {
+            let Some(d) = st.vsock.get_mut(path) else {
+                continue;
+            };
+            for (port, id) in ports {
+                let (Some((tx, _, wm)), Some(w)) = (
+                    prepared.channels.get(id),
+                    cfg.watchdogs.iter().find(|w| &w.id == id),
+                ) else {
+                    continue;
+                };
+                d.device
+                    .rebind(*port, context(w, tx.clone(), wm.clone(), false));
+                info!(watchdog = %id, channel = %w.awd_node, "vsock port {port} on {}", path.display());
+            }
+            d.ports = ports.clone();
         }
         st.vsock.extend(prepared.devices);
         for id in &late_bind {

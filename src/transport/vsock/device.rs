@@ -140,6 +140,18 @@ impl PortState {
         true
     }
 
+    /// Sends a connection-less event (never dropped) after everything already queued.
+    fn send_event(&mut self, ev: ChannelEvent) {
+        if !self.backlog.is_empty() {
+            self.backlog.push_back(ev);
+            return;
+        }
+        match self.ctx.events.try_send(ev) {
+            Ok(()) | Err(TrySendError::Closed(_)) => {}
+            Err(TrySendError::Full(ev)) => self.backlog.push_back(ev),
+        }
+    }
+
     /// Sends queued events until the channel is full again.
     fn drain_backlog(&mut self) {
         while let Some(ev) = self.backlog.pop_front() {
@@ -184,6 +196,9 @@ pub struct VsockBackend {
     limiter: LogLimiter,
     /// Logs about refused connections.
     refusals: LogLimiter,
+    /// The rings were stopped (GET_VRING_BASE) while this frontend ran: when they run again,
+    /// see whether the guest driver started from scratch (a reboot) or carried on (a pause).
+    restart_check: bool,
 }
 
 impl std::fmt::Debug for VsockBackend {
@@ -237,6 +252,7 @@ impl VsockBackend {
             rr: 0,
             limiter: LogLimiter::new(5, Duration::from_secs(10)),
             refusals: LogLimiter::new(5, Duration::from_secs(10)),
+            restart_check: false,
         })
     }
 
@@ -267,7 +283,94 @@ impl VsockBackend {
         self.reset_connections(reason);
         self.mem = None;
         self.event_idx = false;
+        self.restart_check = false;
         self.flush_events();
+    }
+
+    /// The VM behind the device started over: every port's watchdog hears
+    /// [`ChannelEvent::StartedOver`] (after whatever is queued for it), so it re-enters its
+    /// grace. Called when a frontend connects (a new QEMU, the first one included) and when the
+    /// guest driver starts the device from scratch (a reboot).
+    pub fn started_over(&mut self, reason: &str) {
+        info!(
+            device = &*self.device,
+            reason, "the VM behind the vsock device started over"
+        );
+        for p in &mut self.ports {
+            p.send_event(ChannelEvent::StartedOver {
+                reason: reason.to_owned(),
+            });
+        }
+        self.flush_events();
+    }
+
+    /// Makes `port` feed the watchdog behind `ctx` from now on (a reload gave the port to a new
+    /// or replaced watchdog). Open connections stay open: the new watchdog hears `Connected`
+    /// for each (with a writer for its pulses), then their heartbeats. Events still queued
+    /// for the old watchdog are dropped: it is gone. Returns false if the device does not
+    /// serve `port`.
+    pub fn rebind(&mut self, port: u32, ctx: ChannelContext) -> bool {
+        let Some(idx) = self.ports.iter().position(|p| p.port == port) else {
+            return false;
+        };
+        let p = &mut self.ports[idx];
+        if p.ctx.events.same_channel(&ctx.events) {
+            return true;
+        }
+        let old = std::mem::replace(&mut p.ctx, ctx);
+        p.backlog.clear();
+        info!(
+            device = &*self.device,
+            port,
+            watchdog = &*p.ctx.watchdog,
+            channel = &*p.ctx.channel,
+            previous = &*old.watchdog,
+            "vsock port re-bound to a new watchdog"
+        );
+        for c in self.conns.iter_mut().filter(|c| c.port_idx == idx) {
+            old.metrics.connections.dec();
+            p.ctx.metrics.connections.inc();
+            // A partial line is lost; what follows it still proves the guest alive.
+            c.intake = Intake::new(
+                p.ctx.watchdog.clone(),
+                p.ctx.channel.clone(),
+                p.ctx.metrics.clone(),
+            );
+            let ev = ChannelEvent::Connected {
+                conn: c.id,
+                peer: peer_name(self.guest_cid, c.guest_port),
+                tx: Box::new(VsockWriter::new(c.outbox.clone(), self.wake.clone())),
+            };
+            // Connected first; the heartbeats counted meanwhile follow it.
+            let beats = std::mem::take(&mut c.pending_beats);
+            p.send_ordered(c.id, &mut 0, ev, false);
+            c.pending_beats = beats;
+        }
+        self.flush_events();
+        true
+    }
+
+    /// After the rings were stopped, the first time both rx and tx run again: if the guest
+    /// driver set them up from index 0 it initialised the device afresh (a guest reboot
+    /// resets the virtio device); a VM resumed after a pause carries on from where its rings
+    /// were. (A paused VM whose rings had never been used, or had wrapped to exactly 0, also
+    /// counts as started over: it is booting, or the grace it gets is harmless.)
+    fn check_restart(&mut self, vrings: &[VringRwLock]) {
+        let (Some(rx), Some(tx)) = (
+            vrings.get(usize::from(RX_QUEUE)),
+            vrings.get(usize::from(TX_QUEUE)),
+        ) else {
+            return;
+        };
+        if !is_live(rx) || !is_live(tx) {
+            return;
+        }
+        self.restart_check = false;
+        let (rx_at, tx_at) = (rx.queue_next_avail(), tx.queue_next_avail());
+        debug!(device = &*self.device, rx_at, tx_at, "the rings run again");
+        if rx_at == 0 && tx_at == 0 {
+            self.started_over("the guest reset the device");
+        }
     }
 
     /// Closes every connection and forgets pending control packets.
@@ -807,13 +910,16 @@ impl VhostUserBackendMut for VsockBackend {
     }
 
     fn reset_device(&mut self) {
+        // VHOST_USER_RESET_DEVICE: the frontend reset the device as a whole.
         self.reset_connections("the device was reset");
-        self.flush_events();
+        self.restart_check = false;
+        self.started_over("the device was reset");
     }
 
     fn stop_vring(&mut self, _queue_index: u32) -> io::Result<()> {
         // GET_VRING_BASE: the VM stopped the device (guest reboot, VM stop, shutdown). The
         // guest driver starts from scratch afterwards, so its old connections are gone.
+        self.restart_check = true;
         if !self.conns.is_empty() || !self.control.is_empty() {
             self.reset_connections("the guest stopped the device");
             self.flush_events();
@@ -828,6 +934,9 @@ impl VhostUserBackendMut for VsockBackend {
         vrings: &[VringRwLock],
         _thread_id: usize,
     ) -> io::Result<()> {
+        if self.restart_check {
+            self.check_restart(vrings);
+        }
         match device_event {
             TX_QUEUE => self.process_tx(vrings),
             WAKE_EVENT => {
@@ -1688,6 +1797,127 @@ mod tests {
         assert_eq!(evs.len(), 1);
         assert!(matches!(&evs[0], ChannelEvent::Disconnected { reason, .. }
             if reason == "the guest stopped the device"));
+    }
+
+    fn started_over(evs: &[ChannelEvent]) -> Vec<String> {
+        evs.iter()
+            .filter_map(|e| match e {
+                ChannelEvent::StartedOver { reason } => Some(reason.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_guest_that_resets_the_device_started_over_and_a_resumed_one_did_not() {
+        let mut d = Driver::new(16);
+        connect(&mut d, 1000, 9009);
+        d.send(&rw(1000, 9009, b"WATCHDOG=1\n"), b"WATCHDOG=1\n");
+        d.events(9009);
+        // A pause: the rings stop, then carry on where they were.
+        d.stop_rings();
+        d.start_rings(false);
+        d.kick_rx(1);
+        let evs = d.events(9009);
+        assert!(started_over(&evs).is_empty(), "{evs:?}");
+        assert!(
+            matches!(&evs[..], [ChannelEvent::Disconnected { .. }]),
+            "{evs:?}"
+        );
+        // A reboot: the rings stop, and the guest driver sets them up again from index 0.
+        d.stop_rings();
+        d.start_rings(true);
+        assert!(d.events(9009).is_empty(), "nothing until the rings run");
+        d.kick_rx(4);
+        assert_eq!(
+            started_over(&d.events(9009)),
+            ["the guest reset the device"]
+        );
+        assert_eq!(
+            started_over(&d.events(9010)),
+            ["the guest reset the device"]
+        );
+        // Once: the rings running on are not a new start.
+        connect(&mut d, 1000, 9009);
+        d.send(&rw(1000, 9009, b"WATCHDOG=1\n"), b"WATCHDOG=1\n");
+        assert!(started_over(&d.events(9009)).is_empty());
+        // A reset of the whole device by the frontend also starts over.
+        d.backend.reset_device();
+        let evs = d.events(9009);
+        assert!(
+            matches!(evs[0], ChannelEvent::Disconnected { .. }),
+            "{evs:?}"
+        );
+        assert_eq!(started_over(&evs), ["the device was reset"]);
+    }
+
+    #[test]
+    fn started_over_waits_behind_a_full_channel_and_is_never_dropped() {
+        let mut d = Driver::new(1);
+        d.backend.started_over("a new QEMU connected");
+        d.backend.started_over("a new QEMU connected");
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            got.extend(started_over(&d.events(9009)));
+            got.extend(started_over(&d.events(9010)));
+            d.event(RETRY_EVENT);
+        }
+        assert_eq!(got.len(), 4, "two for each port");
+        assert!(!d.backend.has_backlog());
+    }
+
+    #[test]
+    fn rebinding_a_port_moves_its_connections_to_the_new_watchdog() {
+        let mut d = Driver::new(16);
+        let (conn, old_tx) = connect(&mut d, 1000, 9009);
+        d.send(&rw(1000, 9009, b"WATCHDOG=1\nWATCH"), b"WATCHDOG=1\nWATCH");
+        assert_eq!(beats(&d.events(9009)), 1);
+        let metrics = crate::metrics::Metrics::new();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let wm = metrics.watchdog("renamed", "hb2");
+        let ctx = ChannelContext {
+            watchdog: "renamed".into(),
+            channel: "hb2".into(),
+            events: tx,
+            metrics: wm.clone(),
+            nodelay: false,
+        };
+        assert!(!d.backend.rebind(7777, ctx.clone()), "not a served port");
+        assert!(d.backend.rebind(9009, ctx.clone()));
+        let Ok(ChannelEvent::Connected {
+            conn: c,
+            peer,
+            tx: new_tx,
+        }) = rx.try_recv()
+        else {
+            panic!("the new watchdog hears the open connection")
+        };
+        assert_eq!((c, peer.as_str()), (conn, "vsock:3:1000"));
+        assert_eq!(d.watches[0].metrics.connections.get(), 0);
+        assert_eq!(wm.connections.get(), 1);
+        // The guest heartbeats on: the new watchdog hears them, the old one nothing.
+        d.send(&rw(1000, 9009, b"\nWATCHDOG=1\n"), b"\nWATCHDOG=1\n");
+        let mut evs = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            evs.push(e);
+        }
+        assert!(beats(&evs) >= 1, "{evs:?}");
+        assert!(d.events(9009).is_empty());
+        // Pulses from the new watchdog reach the guest; so do the old writer's (same stream).
+        new_tx.try_write(Bytes::from_static(b"p")).expect("queued");
+        d.event(WAKE_EVENT);
+        assert!(d.take_rx().iter().any(|(h, b)| h.op == OP_RW && b == b"p"));
+        drop(old_tx);
+        // Rebinding to the same channel again changes nothing.
+        assert!(d.backend.rebind(9009, ctx));
+        assert!(rx.try_recv().is_err());
+        assert_eq!(wm.connections.get(), 1);
+        // The connection's end goes to the new watchdog.
+        d.send(&hdr(OP_RST, 1000, 9009), &[]);
+        assert!(
+            matches!(rx.try_recv(), Ok(ChannelEvent::Disconnected { conn: c, .. }) if c == conn)
+        );
+        assert_eq!(wm.connections.get(), 0);
     }
 
     #[test]

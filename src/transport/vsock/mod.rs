@@ -129,6 +129,7 @@ pub enum VsockError {
 #[derive(Debug)]
 pub struct VsockDevice {
     path: PathBuf,
+    backend: Backend,
     counters: Arc<VsockCounters>,
     stop: CancellationToken,
     done: CancellationToken,
@@ -149,6 +150,17 @@ impl VsockDevice {
     /// Its live counters, for an exporter that reads them later.
     pub fn counters(&self) -> Arc<VsockCounters> {
         self.counters.clone()
+    }
+
+    /// Makes `port` feed the watchdog behind `ctx` from now on, keeping the port's open guest
+    /// connections (a reload gave the port to a new or replaced watchdog). Returns false if
+    /// the device does not serve `port`. Takes the device's lock, which its threads only hold
+    /// for non-blocking work.
+    pub fn rebind(&self, port: u32, ctx: ChannelContext) -> bool {
+        self.backend
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .rebind(port, ctx)
     }
 
     /// Asks the device to stop (disconnects QEMU, closes guest connections, removes the
@@ -240,12 +252,13 @@ pub fn spawn(
 
     let stop = shutdown.child_token();
     let done = CancellationToken::new();
+    let backend = Arc::new(RwLock::new(backend));
     let server = Server {
         name,
         listener: Listener::from(listener),
         _guard: guard,
         epoll,
-        backend: Arc::new(RwLock::new(backend)),
+        backend: backend.clone(),
         counters: counters.clone(),
         ctl: ctl.clone(),
     };
@@ -282,6 +295,7 @@ pub fn spawn(
     info!(device = %path.display(), guest_cid = cfg.guest_cid, "vsock device listening");
     Ok(VsockDevice {
         path,
+        backend,
         counters,
         stop,
         done,
@@ -422,6 +436,8 @@ impl Server {
         }
         self.counters.frontend();
         info!(device = &*self.name, "QEMU connected");
+        // A new QEMU is a new VM, whatever the last one's watchdogs knew.
+        self.backend().started_over("a new QEMU connected");
         {
             let mut handle = self.ctl.handle.lock().unwrap_or_else(|e| e.into_inner());
             if self.ctl.stopping() {

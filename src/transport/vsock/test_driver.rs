@@ -285,6 +285,36 @@ impl Driver {
         }
     }
 
+    /// What the frontend does when the VM stops the device (GET_VRING_BASE on every queue):
+    /// the rings stop and the backend hears `stop_vring`.
+    pub fn stop_rings(&mut self) {
+        for (i, v) in self.vrings.iter().enumerate() {
+            v.set_queue_ready(false);
+            self.backend
+                .stop_vring(i as u32)
+                .expect("stop_vring never fails");
+        }
+    }
+
+    /// Starts the stopped rings again. `fresh`: as a guest driver that initialised the device
+    /// anew (a reboot), with empty rings from index 0; otherwise where they stopped (a VM
+    /// resumed after a pause).
+    pub fn start_rings(&mut self, fresh: bool) {
+        for (i, v) in self.vrings.iter().enumerate() {
+            if fresh {
+                let (base, buffers, stride) = match i {
+                    0 => (0x0, 0x40_0000, RX_STRIDE),
+                    1 => (0x1_0000, 0x100_0000, TX_STRIDE),
+                    _ => (0x2_0000, 0x80_0000, RX_STRIDE),
+                };
+                self.rings[i] = DriverRing::new(&self.mem, base, buffers, stride);
+                v.set_queue_next_avail(0);
+                v.set_queue_next_used(0);
+            }
+            v.set_queue_ready(true);
+        }
+    }
+
     /// Runs the device for one epoll event.
     pub fn event(&mut self, token: u16) {
         self.backend
