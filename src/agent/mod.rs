@@ -62,6 +62,9 @@ pub struct AgentConfig {
     pub interval: Duration,
     /// The line sent each time (without newline).
     pub message: String,
+    /// Send `message` as it is, without the newline that ends a line: input that never
+    /// completes a line (tests of "any byte proves life").
+    pub raw: bool,
     /// Stop after this many heartbeats were written (tests, one-shot use).
     pub count: Option<u64>,
     /// Exit with an error when no AWD pulse arrived for this long (the host watchdog is gone).
@@ -229,7 +232,9 @@ impl Agent {
     /// A new agent; nothing is opened until [`run`](Self::run).
     pub fn new(cfg: AgentConfig) -> Self {
         let mut beat_line = cfg.message.clone().into_bytes();
-        beat_line.push(b'\n');
+        if !cfg.raw {
+            beat_line.push(b'\n');
+        }
         Agent {
             cfg,
             beat_line,
@@ -774,6 +779,7 @@ mod tests {
             target,
             interval,
             message: "WATCHDOG=1".into(),
+            raw: false,
             count: None,
             expect_pulses: None,
             reply_pulses: false,

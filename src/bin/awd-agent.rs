@@ -52,6 +52,9 @@ struct RunArgs {
     /// The line sent as a heartbeat.
     #[arg(long, default_value = "WATCHDOG=1")]
     message: String,
+    /// Send --message as it is, with no newline after it (input that never completes a line).
+    #[arg(long)]
+    raw: bool,
     /// Stop after this many heartbeats.
     #[arg(long)]
     count: Option<u64>,
@@ -190,7 +193,7 @@ fn run(args: RunArgs) -> ExitCode {
         return ExitCode::FAILURE;
     }
     if args.interval == 0 {
-        return flood(target, args.message, args.count);
+        return flood(target, args.message, args.raw, args.count);
     }
     let socket = (!args.no_socket).then(|| LocalSocket {
         required: args.socket.is_some(),
@@ -200,6 +203,7 @@ fn run(args: RunArgs) -> ExitCode {
         target,
         interval: Duration::from_millis(args.interval),
         message: args.message,
+        raw: args.raw,
         count: args.count,
         expect_pulses: args.expect_pulses.map(Duration::from_millis),
         reply_pulses: args.reply_pulses,
@@ -219,7 +223,7 @@ fn run(args: RunArgs) -> ExitCode {
 }
 
 /// `--interval 0`: the load mode.
-fn flood(target: Target, message: String, count: Option<u64>) -> ExitCode {
+fn flood(target: Target, message: String, raw: bool, count: Option<u64>) -> ExitCode {
     let Some(count) = count else {
         eprintln!("awd-agent: error: --interval 0 needs --count");
         return ExitCode::from(2);
@@ -228,6 +232,7 @@ fn flood(target: Target, message: String, count: Option<u64>) -> ExitCode {
         target,
         interval: Duration::ZERO,
         message,
+        raw,
         count: Some(count),
         expect_pulses: None,
         reply_pulses: false,
