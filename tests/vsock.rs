@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 
 /// The guest's agent over AF_VSOCK keeps the VM alive; once it stops, awd sends a typed QMP
@@ -183,4 +185,314 @@ fn qemu_restart_on_the_same_socket() {
         v["message"] == "watchdog status changed" && v["to"] == "ok"
     });
     assert_eq!(rearmed["watchdog"], "vm1");
+}
+
+/// Writes a TOML configuration: chardevs `a` (port 9009) and `b` (port `b_port`) on one vsock
+/// device, and watchdog `wa` on `a`, `wb` on `b`, each with its grace.
+fn vsock_toml(cfg: &std::path::Path, sock: &str, a: (&str, &str, u64), b: (&str, &str, u64, u32)) {
+    let chardev = |id: &str, port: u32| {
+        format!(
+            "[chardev.{id}]\nbackend = \"vhost-user-vsock\"\npath = \"{sock}\"\nguest-cid = 3\nport = {port}\n"
+        )
+    };
+    let watchdog = |id: &str, node: &str, grace: u64| {
+        format!("[watchdog.{id}]\nawd_node = \"{node}\"\ntimeout = 1500\ngrace = {grace}\n")
+    };
+    let text = [
+        chardev(a.0, 9009),
+        chardev(b.0, b.3),
+        watchdog(a.1, a.0, a.2),
+        watchdog(b.1, b.0, b.2),
+    ]
+    .concat();
+    std::fs::write(cfg, text).unwrap();
+}
+
+/// SIGHUP with a guest heartbeating on two ports of one device (every 200 ms, timeout 1.5 s):
+/// renaming a chardev (same path, port and CID) and swapping two watchdogs between the ports
+/// replace the watchdogs, and the device feeds the new ones over the same guest connections:
+/// no fire within grace (2 s) + timeout + 2.5 s after each reload. Changing a port is
+/// refused, and everything keeps running.
+#[test]
+fn sighup_renames_and_moves_vsock_watchdogs_while_the_guest_heartbeats() {
+    let dir = scratch("vsock-reload");
+    let run = dir.path();
+    let sock = format!("{}/vm1-vsock.sock", run.display());
+    let cfg = run.join("awd.toml");
+    // The first grace covers the boot; replaced watchdogs get a short one.
+    vsock_toml(
+        &cfg,
+        &sock,
+        ("hb", "vm1", 120_000),
+        ("app", "app", 120_000, 9010),
+    );
+    let mut awd = Awd::run(run, "awd", &["--config".into(), cfg.display().to_string()]);
+    awd.wait_msg("awd running", None, SHORT);
+    let mut vm = Qemu::start(
+        run,
+        QemuOpts {
+            agent: Some(s(&["--to", "vsock:2:9009", "--interval", "200"])),
+            args: without_monitor(qemu_args_file("vsock.args", run)),
+            ..QemuOpts::new("vm1")
+        },
+    );
+    vm.wait_ready();
+    vm.run(
+        "awd-agent --to vsock:2:9010 --interval 200 --no-socket & true",
+        SHORT,
+    );
+    awd.wait_msg("connected", Some("vm1"), BOOT);
+    awd.wait_msg("connected", Some("app"), SHORT);
+    // A bound long enough for a replaced watchdog's grace (2 s) and timeout (1.5 s) to pass.
+    let bound = Duration::from_millis(2000 + 1500 + 2500);
+    let all_fed = |awd: &Awd, ids: &[&str]| {
+        let st = awd.status();
+        for id in ids {
+            assert_eq!(st[*id]["status"], "ok", "{id}: {}", st[*id]);
+            assert_eq!(st[*id]["connections"], 1, "{id}: {}", st[*id]);
+            assert!(st[*id]["heartbeats"].as_u64().unwrap() > 0, "{}", st[*id]);
+        }
+    };
+
+    // 1. Rename the chardev of port 9009.
+    vsock_toml(
+        &cfg,
+        &sock,
+        ("hb-renamed", "vm1", 2000),
+        ("app", "app", 120_000, 9010),
+    );
+    awd.signal(SIGHUP);
+    let done = awd.wait_msg("reloaded", None, SHORT);
+    assert_eq!(
+        done["message"], "reloaded: added -, removed -, changed -, replaced vm1, 1 unchanged",
+        "{done}"
+    );
+    std::thread::sleep(bound); // a negative check: nothing may fire within the bound
+    assert_eq!(
+        expiries(&awd, "vm1"),
+        0,
+        "the renamed channel's watchdog is fed"
+    );
+    all_fed(&awd, &["vm1", "app"]);
+
+    // 2. Swap the two watchdogs between the ports.
+    vsock_toml(
+        &cfg,
+        &sock,
+        ("hb-renamed", "app", 2000),
+        ("app", "vm1", 2000, 9010),
+    );
+    awd.signal(SIGHUP);
+    let done = awd.wait_msg("reloaded", None, SHORT);
+    assert_eq!(
+        done["message"], "reloaded: added -, removed -, changed -, replaced app,vm1, 0 unchanged",
+        "{done}"
+    );
+    std::thread::sleep(bound);
+    assert_eq!(expiries(&awd, "vm1") + expiries(&awd, "app"), 0);
+    all_fed(&awd, &["vm1", "app"]);
+    let st = awd.status();
+    assert_eq!(
+        (st["vm1"]["channel"].as_str(), st["app"]["channel"].as_str()),
+        (Some("app"), Some("hb-renamed"))
+    );
+
+    // 3. A new port on the running device is refused; the running configuration stays.
+    vsock_toml(
+        &cfg,
+        &sock,
+        ("hb-renamed", "app", 2000),
+        ("app", "vm1", 2000, 9011),
+    );
+    awd.signal(SIGHUP);
+    let refused = awd.wait_msg("reload failed", None, SHORT);
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("ports or guest CID changed"),
+        "{refused}"
+    );
+    std::thread::sleep(Duration::from_millis(2000));
+    assert_eq!(expiries(&awd, "vm1") + expiries(&awd, "app"), 0);
+    all_fed(&awd, &["vm1", "app"]);
+}
+
+/// The VM starts over twice: the guest reboots (`reboot -f`; QEMU resets instead of exiting)
+/// and QEMU is killed and a new one started on the same socket. Each time the watchdog
+/// hears it ("the VM started over"), as it did for the first QEMU; a pause and resume
+/// (QMP `stop`, `cont`) is not a start-over.
+#[test]
+fn a_guest_reboot_and_a_new_qemu_start_the_vm_over() {
+    let dir = scratch("vsock-started-over");
+    let run = dir.path();
+    let mut awd = Awd::run(
+        run,
+        "awd",
+        &s(&[
+            "--chardev",
+            &format!(
+                "vhost-user-vsock,id=hb,path={}/vm1-vsock.sock,guest-cid=3,port=9009",
+                run.display()
+            ),
+            "--object",
+            "advanced-watchdog,id=vm1,awd_node=hb,timeout=3000,grace=120000",
+        ]),
+    );
+    awd.wait_msg("awd running", None, SHORT);
+    let started_over = |awd: &mut Awd, reason: &'static str, bound| {
+        awd.wait(&format!("the VM started over: {reason}"), bound, |v| {
+            v["message"] == "the VM started over" && v["watchdog"] == "vm1" && v["reason"] == reason
+        });
+    };
+    let opts = |name: &str| {
+        let mut args = qemu_args_file("vsock.args", run);
+        // The harness passes -no-reboot; this later option makes a guest reboot a reset.
+        args.extend(s(&["-action", "reboot=reset"]));
+        QemuOpts {
+            agent: Some(s(&["--to", "vsock:2:9009", "--interval", "200"])),
+            args,
+            ..QemuOpts::new(name)
+        }
+    };
+    let mut first = Qemu::start(run, opts("first"));
+    started_over(&mut awd, "a new QEMU connected", SHORT);
+    first.console.wait("the agent to connect", BOOT, |l| {
+        l.contains("awd-agent: connected")
+    });
+    awd.wait_msg("connected", Some("vm1"), SHORT);
+
+    // A pause is not a start-over: the rings stop and carry on where they were.
+    let qmp_sock = run.join("vm1-qmp.sock");
+    assert!(qmp(&qmp_sock, "stop").get("return").is_some());
+    assert!(qmp(&qmp_sock, "cont").get("return").is_some());
+    let again = awd.wait("the rings to run again after the pause", SHORT, |v| {
+        v["message"] == "the rings run again"
+    });
+    assert_ne!(
+        (&again["rx_at"], &again["tx_at"]),
+        (&0.into(), &0.into()),
+        "{again}"
+    );
+    assert_eq!(
+        awd.records(|v| v["message"] == "the VM started over").len(),
+        1
+    );
+    awd.wait_msg("connected", Some("vm1"), SHORT);
+
+    first.run("(sleep 1; reboot -f) & true", SHORT);
+    started_over(&mut awd, "the guest reset the device", BOOT);
+    first
+        .console
+        .wait("the agent to connect after the reboot", BOOT, |l| {
+            l.contains("awd-agent: connected")
+        });
+    awd.wait_msg("connected", Some("vm1"), SHORT);
+    assert!(first.pid() > 0, "the same QEMU: it reset, it did not exit");
+
+    first.kill();
+    awd.wait_msg("disconnected", Some("vm1"), SHORT);
+    let mut second = Qemu::start(run, opts("second"));
+    started_over(&mut awd, "a new QEMU connected", SHORT);
+    second.console.wait("the agent to connect", BOOT, |l| {
+        l.contains("awd-agent: connected")
+    });
+    awd.wait_msg("connected", Some("vm1"), SHORT);
+    assert_eq!(
+        awd.records(|v| v["message"] == "the VM started over").len(),
+        3,
+        "exactly: first QEMU, reboot, second QEMU"
+    );
+}
+
+/// The guest writes 64 KiB lines (a 65,535-byte line and its newline) with blocking writes: 64
+/// of them, 64 credit windows. Every one arrives (each is counted as an over-long line), no
+/// packet is malformed, and the stream never wedges (the writes all complete).
+#[test]
+fn lines_of_64_kib_all_arrive_and_the_stream_never_wedges() {
+    let dir = scratch("vsock-64k");
+    let run = dir.path();
+    let port = free_port();
+    let mut awd = Awd::run(
+        run,
+        "awd",
+        &s(&[
+            "--metrics",
+            &format!("127.0.0.1:{port}"),
+            "--chardev",
+            &format!(
+                "vhost-user-vsock,id=hb,path={}/vm1-vsock.sock,guest-cid=3,port=9009",
+                run.display()
+            ),
+            "--object",
+            "advanced-watchdog,id=vm1,awd_node=hb,timeout=60000,grace=120000",
+        ]),
+    );
+    awd.wait_msg("awd running", None, SHORT);
+    let mut vm = Qemu::start(
+        run,
+        QemuOpts {
+            args: without_monitor(qemu_args_file("vsock.args", run)),
+            ..QemuOpts::new("vm1")
+        },
+    );
+    vm.wait_ready();
+    vm.run(
+        r#"awd-agent --to vsock:2:9009 --interval 0 --count 64 --message "$(head -c 65535 /dev/zero | tr '\0' x)"; echo flood-exit=$?"#,
+        BOOT,
+    );
+    let console = vm.console.all();
+    assert!(
+        console.iter().any(|l| l == "flood-exit=0"),
+        "the writes all completed"
+    );
+    assert!(
+        console
+            .iter()
+            .any(|l| l.starts_with("awd-agent: flood: 64 lines, 4194304 bytes")),
+        "{console:?}"
+    );
+    let series =
+        "awd_rejected_inputs_total{watchdog=\"vm1\",channel=\"hb\",reason=\"line_too_long\"}";
+    let deadline = std::time::Instant::now() + SHORT;
+    let metrics = loop {
+        let body = scrape(port);
+        let n = metric(&body, series);
+        if n == Some(64.0) {
+            break body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{series} = {n:?}, want 64"
+        );
+        std::thread::sleep(Duration::from_millis(100)); // polling a counter: no event to wait on
+    };
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("awd_vsock_malformed_total"))
+    {
+        assert!(line.ends_with(" 0"), "{line}");
+    }
+    assert_eq!(expiries(&awd, "vm1"), 0);
+}
+
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(SHORT)).unwrap();
+    write!(
+        c,
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    c.read_to_string(&mut resp).unwrap();
+    resp
+}
+
+/// The value of one series in a scrape.
+fn metric(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse().ok())
 }
