@@ -33,6 +33,13 @@
 //! which never blocks: events go to watchdogs with `try_send`, and pulses come back through an
 //! eventfd-signalled outbox per connection. When a frontend goes, its connections go with it
 //! (`Disconnected`; the watchdog timers run on). A third small thread waits for shutdown.
+//!
+//! # The VM starting over, and reloads
+//!
+//! Each new frontend, and each time the guest driver sets the device up afresh (a reboot:
+//! the rings restart from index 0 after a stop), every port's watchdog hears
+//! `ChannelEvent::StartedOver`. A reload may give a port to another watchdog
+//! ([`VsockDevice::rebind`]); the port set and the CID stay as the device was started.
 
 pub mod conn;
 pub mod device;
