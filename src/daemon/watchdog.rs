@@ -27,11 +27,11 @@ use crate::action::script::Script;
 use crate::action::{Job, RunnerHandle};
 use crate::config::{EscalationStep, Role, WatchdogConfig};
 use crate::engine::{
-    Change, EngineSnapshot, Event, GlobalStatus, Scope, Setter, VM_RUNNING, WatchdogEngine,
+    Change, EngineSnapshot, Event, GlobalStatus, Outcome, Scope, Setter, VM_RUNNING, WatchdogEngine,
 };
 use crate::metrics::WatchdogMetrics;
 use crate::protocol::{PULSE, PULSE_REPLY, frame};
-use crate::transport::{ChannelEvent, ConnId, ConnWriter, Signal, TryWriteError};
+use crate::transport::{ChannelEvent, ConnId, ConnWriter, LogLimiter, Signal, TryWriteError};
 
 /// The engine's clock: tokio's (so tests can pause it), as the std type the engine takes.
 pub fn now() -> std::time::Instant {
@@ -153,6 +153,42 @@ pub struct WatchdogTask {
     pulses_out: BTreeMap<ConnId, VecDeque<Instant>>,
     /// The latest measured round trip.
     last_rtt: Option<Duration>,
+    /// Rate limits for the log lines input causes.
+    logs: InputLogs,
+}
+
+/// The kinds of per-input log lines, each rate-limited on its own: a peer that floods one kind
+/// of message cannot fill the log, nor hide the other kinds.
+#[derive(Debug, Clone, Copy)]
+enum InputLog {
+    /// `WATCHDOG=trigger`.
+    Trigger,
+    /// `WATCHDOG_USEC=`.
+    SetTimeout,
+    /// `STATUS=`.
+    Status,
+    /// `CHECKPOINT=` (debug level).
+    Checkpoint,
+    /// Input the engine refused (a timeout out of bounds, a condition the guest may not set).
+    Refused,
+}
+
+/// One [`LogLimiter`] per [`InputLog`] kind: a burst of 5 lines, then one per 10 s, each
+/// allowed line carrying how many were suppressed before it.
+#[derive(Debug)]
+struct InputLogs([LogLimiter; 5]);
+
+impl InputLogs {
+    fn new() -> Self {
+        InputLogs(std::array::from_fn(|_| {
+            LogLimiter::new(5, Duration::from_secs(10))
+        }))
+    }
+
+    /// Whether a line of `kind` may be logged now, and how many were suppressed before it.
+    fn allow(&mut self, kind: InputLog) -> Option<u64> {
+        self.0[kind as usize].allow(now())
+    }
 }
 
 /// Unanswered pulses remembered per connection; older ones are forgotten (their replies are
@@ -208,6 +244,7 @@ impl WatchdogTask {
             reply: Bytes::from(frame(PULSE_REPLY.as_bytes())),
             pulses_out: BTreeMap::new(),
             last_rtt: None,
+            logs: InputLogs::new(),
         }
     }
 
@@ -453,7 +490,7 @@ impl WatchdogTask {
             }
             ChannelEvent::StartedOver { reason } => self.start_over(&reason),
             ChannelEvent::Heartbeats { conn, count } => {
-                trace!(watchdog = &*self.id, conn, count, "heartbeat");
+                trace!(watchdog = &*self.id, conn, count, "input");
                 self.metrics.heard(u64::from(count));
                 let o = self.engine.handle(Event::Heartbeat, now());
                 self.apply(o.changes);
@@ -461,35 +498,62 @@ impl WatchdogTask {
             ChannelEvent::Signal { conn, signal } => {
                 self.metrics.heard(1);
                 let at = now();
+                // Every message is input first: it refreshes the timer, whatever it says next.
+                let refreshed = self.engine.handle(Event::Heartbeat, at);
+                self.apply(refreshed.changes);
                 let o = match &signal {
                     Signal::Trigger => {
-                        warn!(watchdog = &*self.id, conn, "peer reported a failure");
+                        if let Some(suppressed) = self.logs.allow(InputLog::Trigger) {
+                            warn!(
+                                watchdog = &*self.id,
+                                conn, suppressed, "peer reported a failure"
+                            );
+                        }
                         self.engine.handle(Event::Trigger, at)
                     }
                     Signal::SetTimeout(d) => {
-                        info!(
-                            watchdog = &*self.id,
-                            timeout_ms = d.as_millis() as u64,
-                            "peer set the timeout"
-                        );
+                        if let Some(suppressed) = self.logs.allow(InputLog::SetTimeout) {
+                            info!(
+                                watchdog = &*self.id,
+                                timeout_ms = d.as_millis() as u64,
+                                suppressed,
+                                "peer set the timeout"
+                            );
+                        }
                         self.engine.handle(Event::SetTimeout(*d), at)
                     }
                     Signal::Status(text) => {
-                        info!(watchdog = &*self.id, conn, status = &**text, "peer status");
-                        self.engine.handle(Event::Heartbeat, at)
+                        if let Some(suppressed) = self.logs.allow(InputLog::Status) {
+                            info!(
+                                watchdog = &*self.id,
+                                conn,
+                                status = &**text,
+                                suppressed,
+                                "peer status"
+                            );
+                        }
+                        Outcome::default()
                     }
                     Signal::Pulse => {
                         if self.role == Role::Client {
                             self.send(conn, self.reply.clone());
                         }
-                        self.engine.handle(Event::Heartbeat, at)
+                        Outcome::default()
                     }
                     Signal::PulseReply => {
                         self.pulse_answered(conn);
-                        self.engine.handle(Event::Heartbeat, at)
+                        Outcome::default()
                     }
                     Signal::Checkpoint(c) => {
-                        debug!(watchdog = &*self.id, conn, checkpoint = &**c, "checkpoint");
+                        if let Some(suppressed) = self.logs.allow(InputLog::Checkpoint) {
+                            debug!(
+                                watchdog = &*self.id,
+                                conn,
+                                checkpoint = &**c,
+                                suppressed,
+                                "checkpoint"
+                            );
+                        }
                         self.engine.handle(Event::Checkpoint(c), at)
                     }
                     Signal::Condition(c, v) => self.engine.handle(
@@ -502,7 +566,10 @@ impl WatchdogTask {
                     ),
                 };
                 if let Some(why) = &o.rejected {
-                    warn!(watchdog = &*self.id, conn, reason = %why, "input refused");
+                    self.metrics.refused.inc();
+                    if let Some(suppressed) = self.logs.allow(InputLog::Refused) {
+                        warn!(watchdog = &*self.id, conn, reason = %why, suppressed, "input refused");
+                    }
                 }
                 self.apply(o.changes);
             }

@@ -1008,10 +1008,10 @@ mod tests {
             ChannelEvent::Signal { signal: Signal::Status(s), .. } if &**s == "hello"
         ));
         assert_eq!(evs.len(), 2);
-        // A line split over two packets is one heartbeat.
+        // A line split over two packets: each packet is input (proof of life) on its own.
         d.send(&rw(1000, 9009, b"WATCH"), b"WATCH");
         d.send(&rw(1000, 9009, b"DOG=1\n"), b"DOG=1\n");
-        assert_eq!(beats(&d.events(9009)), 1);
+        assert_eq!(beats(&d.events(9009)), 2);
         assert!(d.take_rx().is_empty(), "no credit update for a few bytes");
         let s = d.counters.snapshot();
         assert_eq!(s.bytes_from_guest, (line.len() + 11) as u64);
