@@ -3,8 +3,10 @@
 //! The task waits on six things: channel events, control requests (status, enable, disable,
 //! operator conditions), the VM's run state from its QMP monitor (`vm-running`), the engine's
 //! next deadline (`sleep_until`, never a polling loop), the next escalation step, and the
-//! pulse interval. Input is handled before a deadline that falls due at the same moment, so a
-//! heartbeat already queued is never mistaken for silence.
+//! pulse interval. Control requests, the run state and the timers are served before channel
+//! input, so a flooding peer delays nothing but its own input; and a deadline drains the input
+//! already queued before it is judged, so a heartbeat waiting there is never mistaken for
+//! silence.
 //!
 //! The error reaction is a chain: the script runs on the global transition to EXPIRED; each
 //! escalation step runs `after` the expiry if the watchdog is still expired (or stopped) by
@@ -191,6 +193,10 @@ impl InputLogs {
     }
 }
 
+/// The capacity of a watchdog's channel-event queue (made in `daemon`): the most events a
+/// deadline drains before it is judged.
+pub const EVENT_QUEUE: usize = 1024;
+
 /// Unanswered pulses remembered per connection; older ones are forgotten (their replies are
 /// then not measured).
 const MAX_UNANSWERED: usize = 16;
@@ -269,13 +275,15 @@ impl WatchdogTask {
                     self.engine.status(),
                     GlobalStatus::Expired | GlobalStatus::Stopped
                 );
+            // Fair by construction: the branches that come rarely and must never wait behind
+            // input (control requests and the liveness probe, the VM's run state, timers,
+            // pulses) are polled first; channel input, which a peer can make endless, last.
+            // A deadline never outruns input already queued: its branch drains the queue
+            // before it asks the engine, so a heartbeat waiting there is never taken for
+            // silence.
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                ev = self.events.recv() => match ev {
-                    Some(ev) => self.on_event(ev),
-                    None => break,
-                },
                 ctl = self.control.recv(), if control_open => match ctl {
                     Some(ctl) => self.on_control(ctl),
                     None => control_open = false,
@@ -287,6 +295,9 @@ impl WatchdogTask {
                     }
                 }
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    if !self.drain_events() {
+                        break;
+                    }
                     let c = self.engine.poll(now());
                     self.apply(c);
                 }
@@ -294,6 +305,10 @@ impl WatchdogTask {
                     self.escalate();
                 }
                 _ = async { self.pulses.as_mut().expect("guarded").tick().await }, if pulsing => self.send_pulses(),
+                ev = self.events.recv() => match ev {
+                    Some(ev) => self.on_event(ev),
+                    None => break,
+                },
             }
             // Steps already due (the task ran late, or an expiry was settled late) run now.
             while self.next_step_at().is_some_and(|t| t <= Instant::now()) {
@@ -301,6 +316,19 @@ impl WatchdogTask {
             }
         }
         debug!(watchdog = &*self.id, "watchdog stopped");
+    }
+
+    /// Handles every channel event already queued (at most one queue's worth, so a flood
+    /// cannot hold the task here). False when the transports are gone.
+    fn drain_events(&mut self) -> bool {
+        for _ in 0..EVENT_QUEUE {
+            match self.events.try_recv() {
+                Ok(ev) => self.on_event(ev),
+                Err(mpsc::error::TryRecvError::Empty) => return true,
+                Err(mpsc::error::TryRecvError::Disconnected) => return false,
+            }
+        }
+        true
     }
 
     /// Applies the VM's run state if it is known and changed.
@@ -844,6 +872,50 @@ mod tests {
         assert_eq!(h.metrics.expiries.get(), 2, "and it can expire again");
         h.shutdown.cancel();
         h.task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_heartbeat_queued_as_the_deadline_falls_due_is_not_silence() {
+        let h = start(5000, None, Role::Server, None);
+        settle().await;
+        advance(4999).await;
+        // Queued, not yet handled, when the deadline comes due: the deadline drains it first.
+        h.events
+            .try_send(ChannelEvent::Heartbeats { conn: 1, count: 0 })
+            .unwrap();
+        advance(1).await;
+        assert_eq!(h.metrics.expiries.get(), 0);
+        advance(4999).await;
+        assert_eq!(
+            h.metrics.expiries.get(),
+            0,
+            "refreshed at 5 s, by input of any kind"
+        );
+        advance(1).await;
+        assert_eq!(h.metrics.expiries.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_signal_refreshes_the_timer() {
+        let h = start(5000, None, Role::Server, None);
+        settle().await;
+        for signal in [
+            Signal::SetTimeout(Duration::from_secs(5)),
+            Signal::Status("x".into()),
+            Signal::Checkpoint("c".into()),
+            Signal::Condition("nobody-declared-it".into(), true),
+        ] {
+            advance(4000).await;
+            h.events
+                .send(ChannelEvent::Signal { conn: 1, signal })
+                .await
+                .unwrap();
+            settle().await;
+        }
+        advance(4999).await;
+        assert_eq!(h.metrics.expiries.get(), 0);
+        advance(1).await;
+        assert_eq!(h.metrics.expiries.get(), 1);
     }
 
     #[tokio::test(start_paused = true)]

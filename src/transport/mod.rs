@@ -310,7 +310,16 @@ impl Intake {
                 Message::Pulse => Signal::Pulse,
                 Message::PulseReply => Signal::PulseReply,
             };
-            signals.push(signal);
+            // Within one read, a run of STATUS= (or WATCHDOG_USEC=) lines means what its last
+            // line means: a flood of them costs the watchdog one event per read, not per line.
+            match (signals.last_mut(), &signal) {
+                (Some(last @ Signal::Status(_)), Signal::Status(_))
+                | (Some(last @ Signal::SetTimeout(_)), Signal::SetTimeout(_)) => {
+                    *last = signal;
+                    beats = beats.saturating_add(1);
+                }
+                _ => signals.push(signal),
+            }
         });
         if let Some(rate) = &mut self.rate {
             rate.spend(beats.saturating_add(signals.len() as u32));
@@ -445,6 +454,24 @@ mod tests {
         out.clear();
         intake.feed(1, b"INT=a\n", &mut out);
         assert_eq!(kinds(&out), [("beat", 0), ("signal", 0)]);
+    }
+
+    #[test]
+    fn a_run_of_status_lines_in_one_read_is_one_signal_the_last() {
+        let (mut intake, _) = intake();
+        let mut out = Vec::new();
+        intake.feed(
+            1,
+            b"STATUS=a\nSTATUS=b\nSTATUS=c\nCHECKPOINT=x\nSTATUS=d\n",
+            &mut out,
+        );
+        assert_eq!(
+            kinds(&out),
+            [("beat", 2), ("signal", 0), ("signal", 0), ("signal", 0)]
+        );
+        assert!(
+            matches!(&out[1], ChannelEvent::Signal { signal: Signal::Status(s), .. } if &**s == "c")
+        );
     }
 
     #[test]

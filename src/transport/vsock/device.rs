@@ -1615,7 +1615,8 @@ mod tests {
         let mut d = Driver::new(1);
         d.post_rx(4);
         d.send(&request(1000, 9009), &[]);
-        let lines = "STATUS=x\n".repeat(MAX_BACKLOG + 10);
+        // Alternating kinds: a run of STATUS= lines in one read is one signal.
+        let lines = "STATUS=x\nCHECKPOINT=c\n".repeat(MAX_BACKLOG + 10);
         for chunk in lines.as_bytes().chunks(4000) {
             d.send(&rw(1000, 9009, chunk), chunk);
         }
@@ -1637,7 +1638,7 @@ mod tests {
         }
         assert_eq!(
             n as usize,
-            MAX_BACKLOG + 10,
+            2 * (MAX_BACKLOG + 10),
             "every line was heard one way or another"
         );
     }
