@@ -605,8 +605,23 @@ impl WatchdogTask {
     }
 
     /// The VM started over (see [`ChannelEvent::StartedOver`]).
+    ///
+    /// Re-enters the grace, as at awd's start, and cancels the escalation steps still pending:
+    /// a VM that is rebooting, as its own `system_reset` asked, must not be quit for being
+    /// silent while it boots.
     fn start_over(&mut self, reason: &str) {
-        info!(watchdog = &*self.id, reason, "the VM started over");
+        let cancelled = self
+            .escalating
+            .take()
+            .map_or(0, |(_, run)| self.escalation.len().saturating_sub(run));
+        info!(
+            watchdog = &*self.id,
+            reason,
+            steps_cancelled = cancelled,
+            "the VM started over: supervision re-enters its grace"
+        );
+        let o = self.engine.handle(Event::StartOver, now());
+        self.apply(o.changes);
     }
 
     fn apply(&mut self, changes: Vec<Change>) {
@@ -916,6 +931,70 @@ mod tests {
         assert_eq!(h.metrics.expiries.get(), 0);
         advance(1).await;
         assert_eq!(h.metrics.expiries.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_vm_that_starts_over_gets_its_grace_and_no_pending_escalation() {
+        let mut h = start_with(1000, Some(30_000), Role::Server, None, |c| {
+            c.script = Script::parse("system_reset", "t").unwrap();
+            c.escalation = vec![EscalationStep {
+                after: Duration::from_secs(4),
+                script: Script::parse("quit", "t").unwrap(),
+            }];
+        });
+        settle().await;
+        advance(100).await;
+        beat(&h).await;
+        advance(1000).await;
+        assert_eq!(scripts_run(&mut h), ["system_reset"]);
+        // The reset took: the VM starts over 500 ms later and boots for 20 s in silence.
+        advance(500).await;
+        h.events
+            .send(ChannelEvent::StartedOver {
+                reason: "test".into(),
+            })
+            .await
+            .unwrap();
+        settle().await;
+        assert_eq!(status(&h).await.engine.status, GlobalStatus::Ok);
+        advance(20_000).await;
+        assert!(
+            scripts_run(&mut h).is_empty(),
+            "no quit for a VM rebooting as asked"
+        );
+        // Its service comes up, beats, then goes silent: one action, after the plain timeout.
+        beat(&h).await;
+        advance(999).await;
+        assert!(scripts_run(&mut h).is_empty());
+        advance(1).await;
+        assert_eq!(scripts_run(&mut h), ["system_reset"]);
+        assert_eq!(h.metrics.expiries.get(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_vm_that_starts_over_and_never_speaks_expires_after_the_grace() {
+        let mut h = start(1000, Some(30_000), Role::Server, None);
+        settle().await;
+        advance(100).await;
+        beat(&h).await;
+        advance(5000).await;
+        assert_eq!(h.metrics.expiries.get(), 1);
+        h.events
+            .send(ChannelEvent::StartedOver {
+                reason: "test".into(),
+            })
+            .await
+            .unwrap();
+        settle().await;
+        advance(29_999).await;
+        assert_eq!(h.metrics.expiries.get(), 1);
+        advance(1).await;
+        assert_eq!(
+            h.metrics.expiries.get(),
+            2,
+            "a silent restarted VM is still caught"
+        );
+        let _ = scripts_run(&mut h);
     }
 
     #[tokio::test(start_paused = true)]
