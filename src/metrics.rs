@@ -63,6 +63,9 @@ pub struct Metrics {
     connections: Family<WatchdogLabels, Gauge>,
     pulses: Family<WatchdogLabels, Counter>,
     pulse_rtt: Family<WatchdogLabels, Histogram>,
+    input_bytes: Family<WatchdogLabels, Counter>,
+    refused: Family<WatchdogLabels, Counter>,
+    rate_limited: Family<WatchdogLabels, Counter>,
     live: Arc<LiveWatchdogs>,
     vsock: Arc<VsockDevices>,
 }
@@ -247,6 +250,9 @@ impl Metrics {
             connections: Family::default(),
             pulses: Family::default(),
             pulse_rtt: Family::new_with_constructor(pulse_rtt_histogram),
+            input_bytes: Family::default(),
+            refused: Family::default(),
+            rate_limited: Family::default(),
             live: Arc::default(),
             vsock: Arc::default(),
         };
@@ -285,6 +291,21 @@ impl Metrics {
             "pulse_rtt_seconds",
             "Round trip from an AWD pulse sent to its reply received, per watchdog (server role)",
             m.pulse_rtt.clone(),
+        );
+        registry.register(
+            "input_bytes",
+            "Bytes read from the heartbeat channel (rate() of it is the channel's input rate)",
+            m.input_bytes.clone(),
+        );
+        registry.register(
+            "refused_inputs",
+            "Well-formed inputs the supervision refused (a timeout out of bounds, a condition the peer may not set)",
+            m.refused.clone(),
+        );
+        registry.register(
+            "rate_limited_inputs",
+            "Reads over the channel's rate_limit: proof of life, but not parsed",
+            m.rate_limited.clone(),
         );
         registry.register_collector(Box::new(m.live.clone()));
         registry.register_collector(Box::new(m.vsock.clone()));
@@ -325,6 +346,9 @@ impl Metrics {
             connections: self.connections.get_or_create(&l).clone(),
             pulses: self.pulses.get_or_create(&l).clone(),
             pulse_rtt: self.pulse_rtt.get_or_create(&l).clone(),
+            input_bytes: self.input_bytes.get_or_create(&l).clone(),
+            refused: self.refused.get_or_create(&l).clone(),
+            rate_limited: self.rate_limited.get_or_create(&l).clone(),
             last_heartbeat_ms: AtomicU64::new(0),
             started_ms: unix_ms(),
         });
@@ -342,7 +366,14 @@ impl Metrics {
             watchdog: watchdog.into(),
             channel: channel.into(),
         };
-        for f in [&self.heartbeats, &self.expiries, &self.pulses] {
+        for f in [
+            &self.heartbeats,
+            &self.expiries,
+            &self.pulses,
+            &self.input_bytes,
+            &self.refused,
+            &self.rate_limited,
+        ] {
             f.remove(&l);
         }
         for f in [&self.status, &self.connections] {
@@ -422,6 +453,12 @@ pub struct WatchdogMetrics {
     pub pulses: Counter,
     /// Pulse → reply round trips (server role), in seconds.
     pub pulse_rtt: Histogram,
+    /// Bytes read from the channel.
+    pub input_bytes: Counter,
+    /// Well-formed inputs the engine refused.
+    pub refused: Counter,
+    /// Reads beyond the channel's rate limit, taken as proof of life without being parsed.
+    pub rate_limited: Counter,
     /// Wall-clock time of the last heartbeat, ms since the Unix epoch (0: never).
     pub last_heartbeat_ms: AtomicU64,
     /// Wall-clock time the watchdog started, ms since the Unix epoch.

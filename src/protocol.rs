@@ -147,6 +147,13 @@ impl Decoder {
         self.state != State::Start
     }
 
+    /// Drops whatever message is partly received and everything up to the next newline: the
+    /// caller skipped input (a rate limit), so the stream must be resynchronised.
+    pub fn resync(&mut self) {
+        self.buf.clear();
+        self.state = State::Discard;
+    }
+
     /// Decodes `input`, calling `emit` for each complete message in order.
     pub fn feed(&mut self, mut input: &[u8], mut emit: impl FnMut(Message<'_>)) {
         while !input.is_empty() {

@@ -67,7 +67,8 @@ pub struct AgentConfig {
     pub raw: bool,
     /// Stop after this many heartbeats were written (tests, one-shot use).
     pub count: Option<u64>,
-    /// Exit with an error when no AWD pulse arrived for this long (the host watchdog is gone).
+    /// Exit with an error when no input came from the host for this long (the host watchdog is
+    /// gone). Any byte counts, as on the host side; AWD pulses are what a live host sends.
     pub expect_pulses: Option<Duration>,
     /// Answer each AWD pulse at once with an `advanced-watchdog reply pulse` frame, so the
     /// host can measure the round trip (`awd_pulse_rtt_seconds`).
@@ -406,6 +407,9 @@ impl Agent {
                     return;
                 }
                 Ok(n) => {
+                    // Any input from the host proves it alive, a partial pulse frame too: only
+                    // complete pulses are counted and answered.
+                    self.last_pulse = Instant::now();
                     let mut pulses = 0;
                     self.decoder.feed(&buf[..n], |m| {
                         if m == Message::Pulse {
@@ -414,7 +418,6 @@ impl Agent {
                     });
                     if pulses > 0 {
                         self.stats.pulses += pulses;
-                        self.last_pulse = Instant::now();
                         if self.cfg.reply_pulses {
                             self.reply_pulses(pulses);
                         }
@@ -1011,6 +1014,34 @@ mod tests {
         assert_eq!(agent.stats().pulses, 1);
         let err = agent.run().unwrap_err();
         assert!(matches!(err, AgentError::PulsesStopped(_)), "{err}");
+    }
+
+    #[test]
+    fn any_byte_from_the_host_proves_it_alive_a_partial_pulse_too() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let mut cfg = config(
+            Target::Unix("/unused".into()),
+            None,
+            Duration::from_millis(5),
+        );
+        cfg.expect_pulses = Some(Duration::from_secs(60));
+        let mut agent = Agent::new(cfg);
+        agent.conn = Some(Conn::Unix(ours));
+        let pulse = crate::protocol::frame(crate::protocol::PULSE.as_bytes());
+        let before = Instant::now();
+        agent.last_pulse = before - Duration::from_secs(30);
+        theirs.write_all(&pulse[..3]).unwrap();
+        agent
+            .wait(Instant::now() + Duration::from_millis(5))
+            .unwrap();
+        assert!(agent.last_pulse >= before, "the partial frame refreshed");
+        assert_eq!(agent.stats().pulses, 0, "but is not counted as a pulse");
+        theirs.write_all(&pulse[3..]).unwrap();
+        agent
+            .wait(Instant::now() + Duration::from_millis(5))
+            .unwrap();
+        assert_eq!(agent.stats().pulses, 1);
     }
 
     #[test]

@@ -496,7 +496,7 @@ impl Daemon {
                         .insert(w.id.clone(), socket::bind(s).await?);
                 }
             }
-            let (tx, rx) = mpsc::channel(1024);
+            let (tx, rx) = mpsc::channel(watchdog::EVENT_QUEUE);
             let wm = self.inner.metrics.watchdog(&w.id, &w.awd_node);
             prepared.channels.insert(w.id.clone(), (tx, rx, wm));
         }

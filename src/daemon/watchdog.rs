@@ -3,8 +3,10 @@
 //! The task waits on six things: channel events, control requests (status, enable, disable,
 //! operator conditions), the VM's run state from its QMP monitor (`vm-running`), the engine's
 //! next deadline (`sleep_until`, never a polling loop), the next escalation step, and the
-//! pulse interval. Input is handled before a deadline that falls due at the same moment, so a
-//! heartbeat already queued is never mistaken for silence.
+//! pulse interval. Control requests, the run state and the timers are served before channel
+//! input, so a flooding peer delays nothing but its own input; and a deadline drains the input
+//! already queued before it is judged, so a heartbeat waiting there is never mistaken for
+//! silence.
 //!
 //! The error reaction is a chain: the script runs on the global transition to EXPIRED; each
 //! escalation step runs `after` the expiry if the watchdog is still expired (or stopped) by
@@ -27,11 +29,11 @@ use crate::action::script::Script;
 use crate::action::{Job, RunnerHandle};
 use crate::config::{EscalationStep, Role, WatchdogConfig};
 use crate::engine::{
-    Change, EngineSnapshot, Event, GlobalStatus, Scope, Setter, VM_RUNNING, WatchdogEngine,
+    Change, EngineSnapshot, Event, GlobalStatus, Outcome, Scope, Setter, VM_RUNNING, WatchdogEngine,
 };
 use crate::metrics::WatchdogMetrics;
 use crate::protocol::{PULSE, PULSE_REPLY, frame};
-use crate::transport::{ChannelEvent, ConnId, ConnWriter, Signal, TryWriteError};
+use crate::transport::{ChannelEvent, ConnId, ConnWriter, LogLimiter, Signal, TryWriteError};
 
 /// The engine's clock: tokio's (so tests can pause it), as the std type the engine takes.
 pub fn now() -> std::time::Instant {
@@ -153,7 +155,47 @@ pub struct WatchdogTask {
     pulses_out: BTreeMap<ConnId, VecDeque<Instant>>,
     /// The latest measured round trip.
     last_rtt: Option<Duration>,
+    /// Rate limits for the log lines input causes.
+    logs: InputLogs,
 }
+
+/// The kinds of per-input log lines, each rate-limited on its own: a peer that floods one kind
+/// of message cannot fill the log, nor hide the other kinds.
+#[derive(Debug, Clone, Copy)]
+enum InputLog {
+    /// `WATCHDOG=trigger`.
+    Trigger,
+    /// `WATCHDOG_USEC=`.
+    SetTimeout,
+    /// `STATUS=`.
+    Status,
+    /// `CHECKPOINT=` (debug level).
+    Checkpoint,
+    /// Input the engine refused (a timeout out of bounds, a condition the guest may not set).
+    Refused,
+}
+
+/// One [`LogLimiter`] per [`InputLog`] kind: a burst of 5 lines, then one per 10 s, each
+/// allowed line carrying how many were suppressed before it.
+#[derive(Debug)]
+struct InputLogs([LogLimiter; 5]);
+
+impl InputLogs {
+    fn new() -> Self {
+        InputLogs(std::array::from_fn(|_| {
+            LogLimiter::new(5, Duration::from_secs(10))
+        }))
+    }
+
+    /// Whether a line of `kind` may be logged now, and how many were suppressed before it.
+    fn allow(&mut self, kind: InputLog) -> Option<u64> {
+        self.0[kind as usize].allow(now())
+    }
+}
+
+/// The capacity of a watchdog's channel-event queue (made in `daemon`): the most events a
+/// deadline drains before it is judged.
+pub const EVENT_QUEUE: usize = 1024;
 
 /// Unanswered pulses remembered per connection; older ones are forgotten (their replies are
 /// then not measured).
@@ -208,6 +250,7 @@ impl WatchdogTask {
             reply: Bytes::from(frame(PULSE_REPLY.as_bytes())),
             pulses_out: BTreeMap::new(),
             last_rtt: None,
+            logs: InputLogs::new(),
         }
     }
 
@@ -232,13 +275,15 @@ impl WatchdogTask {
                     self.engine.status(),
                     GlobalStatus::Expired | GlobalStatus::Stopped
                 );
+            // Fair by construction: the branches that come rarely and must never wait behind
+            // input (control requests and the liveness probe, the VM's run state, timers,
+            // pulses) are polled first; channel input, which a peer can make endless, last.
+            // A deadline never outruns input already queued: its branch drains the queue
+            // before it asks the engine, so a heartbeat waiting there is never taken for
+            // silence.
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                ev = self.events.recv() => match ev {
-                    Some(ev) => self.on_event(ev),
-                    None => break,
-                },
                 ctl = self.control.recv(), if control_open => match ctl {
                     Some(ctl) => self.on_control(ctl),
                     None => control_open = false,
@@ -250,6 +295,9 @@ impl WatchdogTask {
                     }
                 }
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    if !self.drain_events() {
+                        break;
+                    }
                     let c = self.engine.poll(now());
                     self.apply(c);
                 }
@@ -257,6 +305,10 @@ impl WatchdogTask {
                     self.escalate();
                 }
                 _ = async { self.pulses.as_mut().expect("guarded").tick().await }, if pulsing => self.send_pulses(),
+                ev = self.events.recv() => match ev {
+                    Some(ev) => self.on_event(ev),
+                    None => break,
+                },
             }
             // Steps already due (the task ran late, or an expiry was settled late) run now.
             while self.next_step_at().is_some_and(|t| t <= Instant::now()) {
@@ -264,6 +316,19 @@ impl WatchdogTask {
             }
         }
         debug!(watchdog = &*self.id, "watchdog stopped");
+    }
+
+    /// Handles every channel event already queued (at most one queue's worth, so a flood
+    /// cannot hold the task here). False when the transports are gone.
+    fn drain_events(&mut self) -> bool {
+        for _ in 0..EVENT_QUEUE {
+            match self.events.try_recv() {
+                Ok(ev) => self.on_event(ev),
+                Err(mpsc::error::TryRecvError::Empty) => return true,
+                Err(mpsc::error::TryRecvError::Disconnected) => return false,
+            }
+        }
+        true
     }
 
     /// Applies the VM's run state if it is known and changed.
@@ -453,7 +518,7 @@ impl WatchdogTask {
             }
             ChannelEvent::StartedOver { reason } => self.start_over(&reason),
             ChannelEvent::Heartbeats { conn, count } => {
-                trace!(watchdog = &*self.id, conn, count, "heartbeat");
+                trace!(watchdog = &*self.id, conn, count, "input");
                 self.metrics.heard(u64::from(count));
                 let o = self.engine.handle(Event::Heartbeat, now());
                 self.apply(o.changes);
@@ -461,35 +526,62 @@ impl WatchdogTask {
             ChannelEvent::Signal { conn, signal } => {
                 self.metrics.heard(1);
                 let at = now();
+                // Every message is input first: it refreshes the timer, whatever it says next.
+                let refreshed = self.engine.handle(Event::Heartbeat, at);
+                self.apply(refreshed.changes);
                 let o = match &signal {
                     Signal::Trigger => {
-                        warn!(watchdog = &*self.id, conn, "peer reported a failure");
+                        if let Some(suppressed) = self.logs.allow(InputLog::Trigger) {
+                            warn!(
+                                watchdog = &*self.id,
+                                conn, suppressed, "peer reported a failure"
+                            );
+                        }
                         self.engine.handle(Event::Trigger, at)
                     }
                     Signal::SetTimeout(d) => {
-                        info!(
-                            watchdog = &*self.id,
-                            timeout_ms = d.as_millis() as u64,
-                            "peer set the timeout"
-                        );
+                        if let Some(suppressed) = self.logs.allow(InputLog::SetTimeout) {
+                            info!(
+                                watchdog = &*self.id,
+                                timeout_ms = d.as_millis() as u64,
+                                suppressed,
+                                "peer set the timeout"
+                            );
+                        }
                         self.engine.handle(Event::SetTimeout(*d), at)
                     }
                     Signal::Status(text) => {
-                        info!(watchdog = &*self.id, conn, status = &**text, "peer status");
-                        self.engine.handle(Event::Heartbeat, at)
+                        if let Some(suppressed) = self.logs.allow(InputLog::Status) {
+                            info!(
+                                watchdog = &*self.id,
+                                conn,
+                                status = &**text,
+                                suppressed,
+                                "peer status"
+                            );
+                        }
+                        Outcome::default()
                     }
                     Signal::Pulse => {
                         if self.role == Role::Client {
                             self.send(conn, self.reply.clone());
                         }
-                        self.engine.handle(Event::Heartbeat, at)
+                        Outcome::default()
                     }
                     Signal::PulseReply => {
                         self.pulse_answered(conn);
-                        self.engine.handle(Event::Heartbeat, at)
+                        Outcome::default()
                     }
                     Signal::Checkpoint(c) => {
-                        debug!(watchdog = &*self.id, conn, checkpoint = &**c, "checkpoint");
+                        if let Some(suppressed) = self.logs.allow(InputLog::Checkpoint) {
+                            debug!(
+                                watchdog = &*self.id,
+                                conn,
+                                checkpoint = &**c,
+                                suppressed,
+                                "checkpoint"
+                            );
+                        }
                         self.engine.handle(Event::Checkpoint(c), at)
                     }
                     Signal::Condition(c, v) => self.engine.handle(
@@ -502,7 +594,10 @@ impl WatchdogTask {
                     ),
                 };
                 if let Some(why) = &o.rejected {
-                    warn!(watchdog = &*self.id, conn, reason = %why, "input refused");
+                    self.metrics.refused.inc();
+                    if let Some(suppressed) = self.logs.allow(InputLog::Refused) {
+                        warn!(watchdog = &*self.id, conn, reason = %why, suppressed, "input refused");
+                    }
                 }
                 self.apply(o.changes);
             }
@@ -510,8 +605,23 @@ impl WatchdogTask {
     }
 
     /// The VM started over (see [`ChannelEvent::StartedOver`]).
+    ///
+    /// Re-enters the grace, as at awd's start, and cancels the escalation steps still pending:
+    /// a VM that is rebooting, as its own `system_reset` asked, must not be quit for being
+    /// silent while it boots.
     fn start_over(&mut self, reason: &str) {
-        info!(watchdog = &*self.id, reason, "the VM started over");
+        let cancelled = self
+            .escalating
+            .take()
+            .map_or(0, |(_, run)| self.escalation.len().saturating_sub(run));
+        info!(
+            watchdog = &*self.id,
+            reason,
+            steps_cancelled = cancelled,
+            "the VM started over: supervision re-enters its grace"
+        );
+        let o = self.engine.handle(Event::StartOver, now());
+        self.apply(o.changes);
     }
 
     fn apply(&mut self, changes: Vec<Change>) {
@@ -777,6 +887,114 @@ mod tests {
         assert_eq!(h.metrics.expiries.get(), 2, "and it can expire again");
         h.shutdown.cancel();
         h.task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_heartbeat_queued_as_the_deadline_falls_due_is_not_silence() {
+        let h = start(5000, None, Role::Server, None);
+        settle().await;
+        advance(4999).await;
+        // Queued, not yet handled, when the deadline comes due: the deadline drains it first.
+        h.events
+            .try_send(ChannelEvent::Heartbeats { conn: 1, count: 0 })
+            .unwrap();
+        advance(1).await;
+        assert_eq!(h.metrics.expiries.get(), 0);
+        advance(4999).await;
+        assert_eq!(
+            h.metrics.expiries.get(),
+            0,
+            "refreshed at 5 s, by input of any kind"
+        );
+        advance(1).await;
+        assert_eq!(h.metrics.expiries.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_signal_refreshes_the_timer() {
+        let h = start(5000, None, Role::Server, None);
+        settle().await;
+        for signal in [
+            Signal::SetTimeout(Duration::from_secs(5)),
+            Signal::Status("x".into()),
+            Signal::Checkpoint("c".into()),
+            Signal::Condition("nobody-declared-it".into(), true),
+        ] {
+            advance(4000).await;
+            h.events
+                .send(ChannelEvent::Signal { conn: 1, signal })
+                .await
+                .unwrap();
+            settle().await;
+        }
+        advance(4999).await;
+        assert_eq!(h.metrics.expiries.get(), 0);
+        advance(1).await;
+        assert_eq!(h.metrics.expiries.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_vm_that_starts_over_gets_its_grace_and_no_pending_escalation() {
+        let mut h = start_with(1000, Some(30_000), Role::Server, None, |c| {
+            c.script = Script::parse("system_reset", "t").unwrap();
+            c.escalation = vec![EscalationStep {
+                after: Duration::from_secs(4),
+                script: Script::parse("quit", "t").unwrap(),
+            }];
+        });
+        settle().await;
+        advance(100).await;
+        beat(&h).await;
+        advance(1000).await;
+        assert_eq!(scripts_run(&mut h), ["system_reset"]);
+        // The reset took: the VM starts over 500 ms later and boots for 20 s in silence.
+        advance(500).await;
+        h.events
+            .send(ChannelEvent::StartedOver {
+                reason: "test".into(),
+            })
+            .await
+            .unwrap();
+        settle().await;
+        assert_eq!(status(&h).await.engine.status, GlobalStatus::Ok);
+        advance(20_000).await;
+        assert!(
+            scripts_run(&mut h).is_empty(),
+            "no quit for a VM rebooting as asked"
+        );
+        // Its service comes up, beats, then goes silent: one action, after the plain timeout.
+        beat(&h).await;
+        advance(999).await;
+        assert!(scripts_run(&mut h).is_empty());
+        advance(1).await;
+        assert_eq!(scripts_run(&mut h), ["system_reset"]);
+        assert_eq!(h.metrics.expiries.get(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_vm_that_starts_over_and_never_speaks_expires_after_the_grace() {
+        let mut h = start(1000, Some(30_000), Role::Server, None);
+        settle().await;
+        advance(100).await;
+        beat(&h).await;
+        advance(5000).await;
+        assert_eq!(h.metrics.expiries.get(), 1);
+        h.events
+            .send(ChannelEvent::StartedOver {
+                reason: "test".into(),
+            })
+            .await
+            .unwrap();
+        settle().await;
+        advance(29_999).await;
+        assert_eq!(h.metrics.expiries.get(), 1);
+        advance(1).await;
+        assert_eq!(
+            h.metrics.expiries.get(),
+            2,
+            "a silent restarted VM is still caught"
+        );
+        let _ = scripts_run(&mut h);
     }
 
     #[tokio::test(start_paused = true)]

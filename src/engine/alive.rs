@@ -216,6 +216,12 @@ impl AliveSupervision {
         }
     }
 
+    /// Forgets every checkpoint: the VM started over, so the next restart waits the grace
+    /// again for the first one.
+    pub fn forget_checkpoints(&mut self) {
+        self.last_checkpoint = None;
+    }
+
     /// Starts afresh at `now`: counter 0, status OK, the first cycle (or the wait for it).
     pub fn restart(&mut self, now: Instant) {
         self.status = SupervisionStatus::Ok;

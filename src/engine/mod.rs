@@ -177,6 +177,10 @@ pub enum Event<'a> {
     Enable(Option<&'a str>),
     /// The operator disables the watchdog (`None`) or one supervision.
     Disable(Option<&'a str>),
+    /// The VM started over (a reset, a reboot, a new QEMU): every supervision forgets what it
+    /// heard and starts again with its grace, as at awd's start, so a booting guest is not
+    /// taken for a silent one. An EXPIRED watchdog becomes OK again.
+    StartOver,
 }
 
 impl<'a> From<Message<'a>> for Event<'a> {
@@ -311,6 +315,15 @@ impl Body {
             Body::Alive(s) => s.deadline(),
             Body::Deadline(s) => s.deadline(),
             Body::Logical(_) => None,
+        }
+    }
+
+    /// Forgets the input that decides whether a restart waits the grace.
+    fn forget_input(&mut self) {
+        match self {
+            Body::Timeout(s) => s.forget_input(),
+            Body::Alive(s) => s.forget_checkpoints(),
+            Body::Deadline(_) | Body::Logical(_) => {}
         }
     }
 
@@ -676,6 +689,29 @@ impl WatchdogEngine {
                         None
                     }
                 }
+            }
+            Event::StartOver => {
+                for (i, s) in self.sups.iter_mut().enumerate() {
+                    s.body.forget_input();
+                    if !s.active {
+                        continue;
+                    }
+                    let from = s.status();
+                    s.body.restart(now);
+                    if s.status() != from {
+                        local.push((
+                            i,
+                            LocalChange {
+                                at: now,
+                                from,
+                                to: s.status(),
+                                reason: "the VM started over: supervision restarted with its grace"
+                                    .into(),
+                            },
+                        ));
+                    }
+                }
+                None
             }
             Event::Enable(target) | Event::Disable(target) => {
                 let on = matches!(ev, Event::Enable(_));
@@ -1235,6 +1271,52 @@ mod tests {
         assert_eq!(
             c[0].reason,
             "enabled by the operator: supervision restarted"
+        );
+    }
+
+    #[test]
+    fn a_vm_that_starts_over_gets_its_grace_again() {
+        let t0 = Instant::now();
+        let mut spec = EngineSpec::plain(ms(1000));
+        spec.grace = Some(ms(30_000));
+        let mut e = engine(&spec, t0);
+        // Heard at 10 s (grace over), silent: expired at 11 s.
+        let _ = e.handle(Event::Heartbeat, t0 + ms(10_000));
+        assert_eq!(globals(&e.poll(t0 + ms(11_000))), [(GO, GX)]);
+        // The VM reset at 12 s: OK again, and the booting guest has the whole grace.
+        let o = e.handle(Event::StartOver, t0 + ms(12_000));
+        assert_eq!(globals(&o.changes), [(GX, GO)]);
+        assert!(o.changes[0].reason.contains("started over"), "{o:?}");
+        assert_eq!(e.next_deadline(), Some(t0 + ms(42_000)));
+        assert!(e.poll(t0 + ms(41_999)).is_empty());
+        assert_eq!(globals(&e.poll(t0 + ms(42_000))), [(GO, GX)]);
+        // Running and heard: a start-over re-enters the grace without a status change.
+        let _ = e.handle(Event::Heartbeat, t0 + ms(50_000));
+        let o = e.handle(Event::StartOver, t0 + ms(50_500));
+        assert!(globals(&o.changes).is_empty(), "{o:?}");
+        assert_eq!(e.next_deadline(), Some(t0 + ms(80_500)));
+    }
+
+    #[test]
+    fn a_start_over_while_paused_keeps_the_grace_for_the_resume() {
+        let t0 = Instant::now();
+        let mut spec = EngineSpec::plain(ms(1000));
+        spec.plain.conditions = vec![VM_RUNNING.into()];
+        spec.grace = Some(ms(30_000));
+        let mut e = engine(&spec, t0);
+        let _ = e.handle(Event::Heartbeat, t0 + ms(100));
+        let pause = |v| Event::Condition {
+            name: VM_RUNNING,
+            value: v,
+            by: Setter::Vm,
+        };
+        let _ = e.handle(pause(false), t0 + ms(200));
+        let _ = e.handle(Event::StartOver, t0 + ms(300));
+        let _ = e.handle(pause(true), t0 + ms(400));
+        assert_eq!(
+            e.next_deadline(),
+            Some(t0 + ms(30_400)),
+            "resumed after a start-over: the grace, not the bare timeout"
         );
     }
 

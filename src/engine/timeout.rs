@@ -88,6 +88,12 @@ impl TimeoutSupervision {
         self.status = SupervisionStatus::Ok;
     }
 
+    /// Forgets all input: the VM behind the channel started over, so the next (re)start waits
+    /// the grace again, as at awd's start.
+    pub fn forget_input(&mut self) {
+        self.last_input = None;
+    }
+
     /// Notes input at `now` while the supervision is not running (for the snapshot and grace).
     pub fn note_input(&mut self, now: Instant) {
         self.last_input = Some(now);

@@ -92,11 +92,12 @@ pub enum ChannelEvent {
         /// Why, for logs.
         reason: String,
     },
-    /// `count` plain heartbeats arrived (coalesced: one event per read, not per line).
+    /// Input arrived: proof of life, which refreshes the timer whatever `count` is. Coalesced:
+    /// one event per read, not per line.
     Heartbeats {
         /// The connection.
         conn: ConnId,
-        /// How many.
+        /// Plain messages completed (0 when the read only completed signals, which follow).
         count: u32,
     },
     /// The VM behind the channel started over: a new vhost-user frontend (a new QEMU), or the
@@ -168,6 +169,42 @@ pub struct Intake {
     decoder: Decoder,
     metrics: Arc<WatchdogMetrics>,
     limiter: LogLimiter,
+    rate: Option<RateLimit>,
+    rate_log: LogLimiter,
+}
+
+/// A token bucket of messages per second for one connection: a second's worth of burst, then
+/// `per_second`. A read decoded while tokens remain may overdraw the bucket (a read holds at
+/// most a few thousand messages), and reads are skipped until the debt is repaid, so the cost
+/// of a flood is bounded by the rate whatever the read sizes.
+#[derive(Debug)]
+struct RateLimit {
+    per_second: f64,
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+impl RateLimit {
+    fn new(per_second: u32, now: std::time::Instant) -> Self {
+        RateLimit {
+            per_second: f64::from(per_second),
+            tokens: f64::from(per_second),
+            last: now,
+        }
+    }
+
+    /// Whether a read may be decoded now.
+    fn admit(&mut self, now: std::time::Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.per_second);
+        self.tokens >= 1.0
+    }
+
+    /// Takes `n` messages from the bucket, possibly into debt.
+    fn spend(&mut self, n: u32) {
+        self.tokens -= f64::from(n);
+    }
 }
 
 impl Intake {
@@ -179,13 +216,62 @@ impl Intake {
             decoder: Decoder::new(),
             metrics,
             limiter: LogLimiter::new(5, Duration::from_secs(10)),
+            rate: None,
+            rate_log: LogLimiter::new(1, Duration::from_secs(10)),
         }
     }
 
+    /// Parses at most `per_second` messages a second on this connection (the channel's
+    /// `rate_limit`). Reads beyond it still prove the peer alive, but are not decoded; the
+    /// decoder then resynchronises at the next newline.
+    pub fn with_rate_limit(mut self, per_second: Option<u32>) -> Self {
+        self.rate = per_second
+            .filter(|&n| n > 0)
+            .map(|n| RateLimit::new(n, std::time::Instant::now()));
+        self
+    }
+
     /// Decodes `bytes` from connection `conn` and appends the resulting events to `out`.
-    /// Plain heartbeats (and rejected input, which still proves the peer alive) are coalesced
-    /// into at most one [`ChannelEvent::Heartbeats`] per call, placed before the signals.
+    ///
+    /// Any read that returned at least one byte is proof of life, whatever the decoder makes
+    /// of it (the seed: "any input refreshes its timer"): a partial line, a byte of a 10 MB
+    /// line, binary without a newline, rejected input. So a non-empty `bytes` always gives one
+    /// [`ChannelEvent::Heartbeats`], first, before the signals the read completed. Its `count`
+    /// is the number of plain messages completed (rejected ones included), or 1 when the read
+    /// completed no message at all, so the counter shows input that only continued a message.
     pub fn feed(&mut self, conn: ConnId, bytes: &[u8], out: &mut Vec<ChannelEvent>) {
+        self.feed_at(conn, bytes, std::time::Instant::now(), out);
+    }
+
+    /// [`feed`](Self::feed) at a given time (the rate limit's and the log limiter's clock).
+    pub fn feed_at(
+        &mut self,
+        conn: ConnId,
+        bytes: &[u8],
+        at: std::time::Instant,
+        out: &mut Vec<ChannelEvent>,
+    ) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.metrics.input_bytes.inc_by(bytes.len() as u64);
+        if let Some(rate) = &mut self.rate
+            && !rate.admit(at)
+        {
+            self.metrics.rate_limited.inc();
+            self.decoder.resync();
+            if let Some(suppressed) = self.rate_log.allow(at) {
+                tracing::warn!(
+                    watchdog = &*self.watchdog,
+                    channel = &*self.channel,
+                    conn,
+                    suppressed,
+                    "input over the channel's rate limit: taken as proof of life, not parsed"
+                );
+            }
+            out.push(ChannelEvent::Heartbeats { conn, count: 1 });
+            return;
+        }
         let mut beats: u32 = 0;
         let mut signals = Vec::new();
         let (watchdog, channel, metrics, limiter) = (
@@ -203,7 +289,7 @@ impl Intake {
                 Message::Rejected(r) => {
                     metrics.reject(r);
                     beats = beats.saturating_add(1);
-                    if let Some(suppressed) = limiter.allow(std::time::Instant::now()) {
+                    if let Some(suppressed) = limiter.allow(at) {
                         tracing::warn!(
                             watchdog = &**watchdog,
                             channel = &**channel,
@@ -224,11 +310,24 @@ impl Intake {
                 Message::Pulse => Signal::Pulse,
                 Message::PulseReply => Signal::PulseReply,
             };
-            signals.push(signal);
+            // Within one read, a run of STATUS= (or WATCHDOG_USEC=) lines means what its last
+            // line means: a flood of them costs the watchdog one event per read, not per line.
+            match (signals.last_mut(), &signal) {
+                (Some(last @ Signal::Status(_)), Signal::Status(_))
+                | (Some(last @ Signal::SetTimeout(_)), Signal::SetTimeout(_)) => {
+                    *last = signal;
+                    beats = beats.saturating_add(1);
+                }
+                _ => signals.push(signal),
+            }
         });
-        if beats > 0 {
-            out.push(ChannelEvent::Heartbeats { conn, count: beats });
+        if let Some(rate) = &mut self.rate {
+            rate.spend(beats.saturating_add(signals.len() as u32));
         }
+        if beats == 0 && signals.is_empty() {
+            beats = 1;
+        }
+        out.push(ChannelEvent::Heartbeats { conn, count: beats });
         out.extend(
             signals
                 .into_iter()
@@ -275,6 +374,131 @@ mod tests {
         );
         assert_eq!(out.len(), 2);
         assert_eq!(metrics.rejected_count(Rejection::InvalidUtf8), 1);
+    }
+
+    fn intake() -> (Intake, Arc<WatchdogMetrics>) {
+        let metrics = Metrics::new().watchdog("w", "c");
+        (
+            Intake::new("w".into(), "c".into(), metrics.clone()),
+            metrics,
+        )
+    }
+
+    /// The events of one read, as (kind, count) pairs: "beat" with its count, or "signal".
+    fn kinds(out: &[ChannelEvent]) -> Vec<(&'static str, u32)> {
+        out.iter()
+            .map(|e| match e {
+                ChannelEvent::Heartbeats { count, .. } => ("beat", *count),
+                ChannelEvent::Signal { .. } => ("signal", 0),
+                _ => ("other", 0),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_read_with_a_byte_is_proof_of_life_even_without_a_newline() {
+        let (mut intake, metrics) = intake();
+        let mut out = Vec::new();
+        // One byte every read, never a newline: each read is a heartbeat.
+        for _ in 0..10 {
+            intake.feed(1, b"x", &mut out);
+            assert_eq!(kinds(&out), [("beat", 1)]);
+            out.clear();
+        }
+        // Binary chunks with no newline, a frame header cut short, invalid UTF-8.
+        for chunk in [&b"\x01\x02\x03\xff"[..], b"\x00\x00", b"\xfe\xfe\xfe"] {
+            intake.feed(1, chunk, &mut out);
+            assert_eq!(kinds(&out), [("beat", 1)], "{chunk:?}");
+            out.clear();
+        }
+        // An empty read (EOF is told apart by the caller) is not input.
+        intake.feed(1, b"", &mut out);
+        assert!(out.is_empty());
+        assert_eq!(metrics.input_bytes.get(), 10 + 4 + 2 + 3);
+    }
+
+    #[test]
+    fn a_ten_megabyte_line_refreshes_on_every_read_and_after_its_rejection() {
+        let (mut intake, metrics) = intake();
+        let chunk = vec![b'a'; 8192];
+        let mut out = Vec::new();
+        for i in 0..1280 {
+            intake.feed(1, &chunk, &mut out);
+            assert_eq!(kinds(&out).len(), 1, "read {i}: one event");
+            assert!(
+                matches!(out[0], ChannelEvent::Heartbeats { .. }),
+                "read {i}"
+            );
+            out.clear();
+        }
+        assert_eq!(metrics.rejected_count(Rejection::LineTooLong), 1);
+        // The discarded tail still counts, and the next line keeps its meaning.
+        intake.feed(1, b"aaaa\nCHECKPOINT=up\n", &mut out);
+        assert_eq!(kinds(&out), [("beat", 0), ("signal", 0)]);
+    }
+
+    #[test]
+    fn well_formed_lines_keep_their_meaning_behind_the_refresh() {
+        let (mut intake, _) = intake();
+        let mut out = Vec::new();
+        intake.feed(
+            1,
+            b"WATCHDOG_USEC=2000000\nWATCHDOG=1\nSTATUS=ok\n",
+            &mut out,
+        );
+        assert_eq!(kinds(&out), [("beat", 1), ("signal", 0), ("signal", 0)]);
+        out.clear();
+        // A line split over reads: the first part refreshes, the end completes the meaning.
+        intake.feed(1, b"CHECKPO", &mut out);
+        assert_eq!(kinds(&out), [("beat", 1)]);
+        out.clear();
+        intake.feed(1, b"INT=a\n", &mut out);
+        assert_eq!(kinds(&out), [("beat", 0), ("signal", 0)]);
+    }
+
+    #[test]
+    fn a_run_of_status_lines_in_one_read_is_one_signal_the_last() {
+        let (mut intake, _) = intake();
+        let mut out = Vec::new();
+        intake.feed(
+            1,
+            b"STATUS=a\nSTATUS=b\nSTATUS=c\nCHECKPOINT=x\nSTATUS=d\n",
+            &mut out,
+        );
+        assert_eq!(
+            kinds(&out),
+            [("beat", 2), ("signal", 0), ("signal", 0), ("signal", 0)]
+        );
+        assert!(
+            matches!(&out[1], ChannelEvent::Signal { signal: Signal::Status(s), .. } if &**s == "c")
+        );
+    }
+
+    #[test]
+    fn over_the_rate_limit_input_proves_life_but_is_not_parsed() {
+        let (intake, metrics) = intake();
+        let mut intake = intake.with_rate_limit(Some(10));
+        let t0 = std::time::Instant::now();
+        let mut out = Vec::new();
+        let mut signals = 0;
+        for _ in 0..100 {
+            intake.feed_at(1, b"STATUS=flood\n", t0, &mut out);
+            assert!(matches!(out[0], ChannelEvent::Heartbeats { .. }));
+            signals += kinds(&out).iter().filter(|k| k.0 == "signal").count();
+            out.clear();
+        }
+        assert_eq!(signals, 10, "a second's worth of burst");
+        assert_eq!(metrics.rate_limited.get(), 90);
+        // Skipped input leaves the decoder mid-stream: it resyncs at the next newline.
+        intake.feed_at(1, b"partial", t0 + Duration::from_secs(1), &mut out);
+        out.clear();
+        intake.feed_at(
+            1,
+            b" end\nSTATUS=after\n",
+            t0 + Duration::from_secs(1),
+            &mut out,
+        );
+        assert_eq!(kinds(&out), [("beat", 0), ("signal", 0)]);
     }
 
     #[test]

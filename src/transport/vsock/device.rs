@@ -1088,10 +1088,10 @@ mod tests {
             ChannelEvent::Signal { signal: Signal::Status(s), .. } if &**s == "hello"
         ));
         assert_eq!(evs.len(), 2);
-        // A line split over two packets is one heartbeat.
+        // A line split over two packets: each packet is input (proof of life) on its own.
         d.send(&rw(1000, 9009, b"WATCH"), b"WATCH");
         d.send(&rw(1000, 9009, b"DOG=1\n"), b"DOG=1\n");
-        assert_eq!(beats(&d.events(9009)), 1);
+        assert_eq!(beats(&d.events(9009)), 2);
         assert!(d.take_rx().is_empty(), "no credit update for a few bytes");
         let s = d.counters.snapshot();
         assert_eq!(s.bytes_from_guest, (line.len() + 11) as u64);
@@ -1734,7 +1734,8 @@ mod tests {
         let mut d = Driver::new(1);
         d.post_rx(4);
         d.send(&request(1000, 9009), &[]);
-        let lines = "STATUS=x\n".repeat(MAX_BACKLOG + 10);
+        // Alternating kinds: a run of STATUS= lines in one read is one signal.
+        let lines = "STATUS=x\nCHECKPOINT=c\n".repeat(MAX_BACKLOG + 10);
         for chunk in lines.as_bytes().chunks(4000) {
             d.send(&rw(1000, 9009, chunk), chunk);
         }
@@ -1756,7 +1757,7 @@ mod tests {
         }
         assert_eq!(
             n as usize,
-            MAX_BACKLOG + 10,
+            2 * (MAX_BACKLOG + 10),
             "every line was heard one way or another"
         );
     }
