@@ -318,6 +318,14 @@ fn sighup_renames_and_moves_vsock_watchdogs_while_the_guest_heartbeats() {
     all_fed(&awd, &["vm1", "app"]);
 }
 
+/// A watchdog's "the VM started over" record.
+fn is_start_over(v: &serde_json::Value) -> bool {
+    v["watchdog"] == "vm1"
+        && v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("the VM started over"))
+}
+
 /// The VM starts over twice: the guest reboots (`reboot -f`; QEMU resets instead of exiting)
 /// and QEMU is killed and a new one started on the same socket. Each time the watchdog
 /// hears it ("the VM started over"), as it did for the first QEMU; a pause and resume
@@ -342,7 +350,7 @@ fn a_guest_reboot_and_a_new_qemu_start_the_vm_over() {
     awd.wait_msg("awd running", None, SHORT);
     let started_over = |awd: &mut Awd, reason: &'static str, bound| {
         awd.wait(&format!("the VM started over: {reason}"), bound, |v| {
-            v["message"] == "the VM started over" && v["watchdog"] == "vm1" && v["reason"] == reason
+            is_start_over(v) && v["reason"] == reason
         });
     };
     let opts = |name: &str| {
@@ -374,10 +382,7 @@ fn a_guest_reboot_and_a_new_qemu_start_the_vm_over() {
         (&0.into(), &0.into()),
         "{again}"
     );
-    assert_eq!(
-        awd.records(|v| v["message"] == "the VM started over").len(),
-        1
-    );
+    assert_eq!(awd.records(is_start_over).len(), 1);
     awd.wait_msg("connected", Some("vm1"), SHORT);
 
     first.run("(sleep 1; reboot -f) & true", SHORT);
@@ -399,7 +404,7 @@ fn a_guest_reboot_and_a_new_qemu_start_the_vm_over() {
     });
     awd.wait_msg("connected", Some("vm1"), SHORT);
     assert_eq!(
-        awd.records(|v| v["message"] == "the VM started over").len(),
+        awd.records(is_start_over).len(),
         3,
         "exactly: first QEMU, reboot, second QEMU"
     );
@@ -495,4 +500,72 @@ fn metric(body: &str, series: &str) -> Option<f64> {
     body.lines()
         .find_map(|l| l.strip_prefix(series))
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// "Any input refreshes the timer" over vsock: a guest process writing one byte every 200 ms,
+/// never a newline, keeps a 1 s watchdog alive for 5 s; once it stops, the watchdog fires
+/// within the timeout plus 1.5 s.
+#[test]
+fn one_byte_every_200_ms_without_a_newline_keeps_a_1_s_watchdog_alive() {
+    let dir = scratch("vsock-bytes");
+    let run = dir.path();
+    let mut awd = Awd::run(
+        run,
+        "awd",
+        &s(&[
+            "--chardev",
+            &format!(
+                "vhost-user-vsock,id=hb,path={}/vm1-vsock.sock,guest-cid=3,port=9009",
+                run.display()
+            ),
+            "--object",
+            "advanced-watchdog,id=vm1,awd_node=hb,timeout=1000,grace=120000",
+        ]),
+    );
+    awd.wait_msg("awd running", None, SHORT);
+    let mut vm = Qemu::start(
+        run,
+        QemuOpts {
+            args: without_monitor(qemu_args_file("vsock.args", run)),
+            ..QemuOpts::new("vm1")
+        },
+    );
+    vm.wait_ready();
+    // Three heartbeat lines end the grace; then bytes alone, from a second agent at once.
+    vm.run(
+        "awd-agent --to vsock:2:9009 --interval 100 --count 3 --no-socket && (awd-agent --to vsock:2:9009 --interval 200 --raw --message x --no-socket & true)",
+        SHORT,
+    );
+    // The run returned after the first agent wrote its lines: the grace is over.
+    vm.console.wait("the line writer to connect", SHORT, |l| {
+        l.contains("awd-agent: connected")
+    });
+    vm.console.wait("the byte writer to connect", SHORT, |l| {
+        l.contains("awd-agent: connected")
+    });
+    awd.wait_msg("connected", Some("vm1"), SHORT);
+    awd.wait_msg("connected", Some("vm1"), SHORT);
+    let before = awd.status()["vm1"]["heartbeats"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_secs(5)); // a negative check: no fire within 5 s
+    assert_eq!(
+        expiries(&awd, "vm1"),
+        0,
+        "bytes without a newline are proof of life"
+    );
+    let st = awd.status();
+    assert_eq!(st["vm1"]["status"], "ok", "{}", st["vm1"]);
+    assert!(
+        st["vm1"]["heartbeats"].as_u64().unwrap() >= before + 10,
+        "about 25 writes in 5 s: {}",
+        st["vm1"]
+    );
+    vm.run("killall awd-agent", SHORT);
+    let stopped = std::time::Instant::now();
+    awd.wait_msg("watchdog expired", Some("vm1"), SHORT);
+    let late = stopped.elapsed();
+    eprintln!("fired {late:?} after the byte writer was killed");
+    assert!(
+        late <= Duration::from_millis(1000 + 1500),
+        "fired {late:?} after the writer stopped"
+    );
 }

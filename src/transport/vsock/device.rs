@@ -1149,6 +1149,25 @@ mod tests {
     }
 
     #[test]
+    fn every_payload_of_one_byte_or_more_is_a_heartbeat() {
+        // Any input proves life: bytes that never complete a line count, one per packet,
+        // however they are laid out; an empty OP_RW carries no input.
+        let mut d = Driver::new(1024);
+        connect(&mut d, 1000, 9009);
+        for i in 0..20 {
+            d.send(&rw(1000, 9009, b"x"), b"x");
+            d.send_split(
+                &rw(1000, 9009, b"yz"),
+                b"yz",
+                &[HEADER_SIZE - i % 3, HEADER_SIZE + 1],
+            );
+        }
+        d.send(&rw(1000, 9009, b""), b"");
+        assert_eq!(beats(&d.events(9009)), 40);
+        assert_eq!(d.counters.snapshot().malformed_total(), 0);
+    }
+
+    #[test]
     fn a_header_split_over_descriptors_is_read() {
         let mut d = Driver::new(16);
         connect(&mut d, 1000, 9009);
