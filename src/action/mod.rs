@@ -533,7 +533,97 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Endpoint;
+    use crate::metrics::Metrics;
     use serde_json::json;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    /// A runner on a fake node at `path`, its handle, and its line reports.
+    fn runner_at(
+        path: &std::path::Path,
+    ) -> (
+        RunnerHandle,
+        mpsc::UnboundedReceiver<LineReport>,
+        CancellationToken,
+    ) {
+        let (runner, handle) = Runner::new(SocketChardev {
+            id: "mon".into(),
+            endpoint: Endpoint::Unix(path.to_owned()),
+            server: false,
+            reconnect: Duration::from_secs(1),
+            nodelay: false,
+        });
+        let (tx, reports) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        tokio::spawn(runner.with_reports(tx).run(stop.clone()));
+        (handle, reports, stop)
+    }
+
+    fn job(wd: &str, text: &str) -> Job {
+        Job {
+            watchdog: wd.into(),
+            script: Arc::new(Script::parse(text, "t").unwrap()),
+            metrics: Metrics::new().watchdog(wd, "hb"),
+        }
+    }
+
+    async fn report(rx: &mut mpsc::UnboundedReceiver<LineReport>) -> LineReport {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("a line report in time")
+            .expect("runner alive")
+    }
+
+    #[tokio::test]
+    async fn an_answered_system_reset_on_hmp_counts_a_start_and_a_raw_write_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let hmp = dir.path().join("hmp");
+        let l = tokio::net::UnixListener::bind(&hmp).unwrap();
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let (r, mut w) = tokio::io::split(s);
+            let mut r = BufReader::new(r);
+            w.write_all(b"QEMU 7.2.22 monitor - type 'help' for more information\r\n(qemu) ")
+                .await
+                .unwrap();
+            let mut line = String::new();
+            while r.read_line(&mut line).await.unwrap() > 0 {
+                // QEMU echoes the command, then prompts again.
+                w.write_all(format!("{}\r\n(qemu) ", line.trim()).as_bytes())
+                    .await
+                    .unwrap();
+                line.clear();
+            }
+        });
+        let (handle, mut reports, stop) = runner_at(&hmp);
+        let mut vm = handle.vm_state();
+        handle.submit(job("w", "system_reset"));
+        let r = report(&mut reports).await;
+        assert_eq!(r.result, Ok(Outcome::Ok(String::new())), "{r:?}");
+        // The connection (a new pid: this process) counted once, the answered reset once.
+        assert_eq!(vm.borrow_and_update().starts, 2);
+        assert_eq!(vm.borrow().running, None, "HMP cannot tell the run state");
+        stop.cancel();
+
+        let raw = dir.path().join("raw");
+        let l = tokio::net::UnixListener::bind(&raw).unwrap();
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let mut r = BufReader::new(s);
+            let mut line = String::new();
+            while r.read_line(&mut line).await.unwrap_or(0) > 0 {}
+        });
+        let (handle, mut reports, stop) = runner_at(&raw);
+        handle.submit(job("w", "system_reset"));
+        let r = report(&mut reports).await;
+        assert_eq!(r.result, Ok(Outcome::Written));
+        assert_eq!(
+            handle.vm_state().borrow().starts,
+            0,
+            "a raw node is no QEMU, and a written reset is no answer"
+        );
+        stop.cancel();
+    }
 
     #[test]
     fn qmp_events_map_to_the_vm_run_state() {
