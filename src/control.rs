@@ -266,12 +266,20 @@ fn text(v: &Value) -> String {
 pub fn render_table(watchdogs: &[Value]) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "{:<16} {:<11} {:<14} {:>6} {:>10} {:>10} {:>8} {:>8}\n",
-        "WATCHDOG", "STATUS", "CHANNEL", "CONNS", "HEARTBEATS", "LAST(ms)", "EXPIRIES", "ACTIONS"
+        "{:<16} {:<11} {:<14} {:>6} {:>10} {:>10} {:>8} {:>8} {:>8}\n",
+        "WATCHDOG",
+        "STATUS",
+        "CHANNEL",
+        "CONNS",
+        "HEARTBEATS",
+        "LAST(ms)",
+        "EXPIRIES",
+        "ACTIONS",
+        "UNKNOWN"
     ));
     for w in watchdogs {
         out.push_str(&format!(
-            "{:<16} {:<11} {:<14} {:>6} {:>10} {:>10} {:>8} {:>8}\n",
+            "{:<16} {:<11} {:<14} {:>6} {:>10} {:>10} {:>8} {:>8} {:>8}\n",
             text(&w["id"]),
             text(&w["status"]),
             text(&w["channel"]),
@@ -280,6 +288,7 @@ pub fn render_table(watchdogs: &[Value]) -> String {
             text(&w["last_input_ms_ago"]),
             text(&w["expiries"]),
             text(&w["actions_sent"]),
+            text(&w["actions_unknown"]),
         ));
         if let Some(sups) = w["supervisions"].as_array() {
             for sup in sups {

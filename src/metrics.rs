@@ -47,8 +47,19 @@ pub struct RejectLabels {
 pub struct ActionLabels {
     /// The watchdog id.
     pub watchdog: String,
-    /// `sent` (the peer accepted it) or `failed`.
+    /// `sent` (the monitor answered), `written` (raw socket: written, no answer possible),
+    /// `unknown` (written to a monitor, then no answer: timeout or EOF) or `failed` (not sent).
     pub result: String,
+}
+
+/// The results an action line is counted under (`awd_actions_total{result=…}`).
+pub const ACTION_RESULTS: [&str; 4] = ["sent", "written", "unknown", "failed"];
+
+/// Labels of per-notification-node series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabels {
+    /// The notification_node chardev id.
+    pub node: String,
 }
 
 /// Every metric family awd exports.
@@ -59,6 +70,7 @@ pub struct Metrics {
     rejected: Family<RejectLabels, Counter>,
     expiries: Family<WatchdogLabels, Counter>,
     actions: Family<ActionLabels, Counter>,
+    action_backlog: Family<NodeLabels, Gauge>,
     status: Family<WatchdogLabels, Gauge>,
     connections: Family<WatchdogLabels, Gauge>,
     pulses: Family<WatchdogLabels, Counter>,
@@ -246,6 +258,7 @@ impl Metrics {
             rejected: Family::default(),
             expiries: Family::default(),
             actions: Family::default(),
+            action_backlog: Family::default(),
             status: Family::default(),
             connections: Family::default(),
             pulses: Family::default(),
@@ -271,7 +284,16 @@ impl Metrics {
             "Transitions of the watchdog to expired",
             m.expiries.clone(),
         );
-        registry.register("actions", "Script lines sent, by result", m.actions.clone());
+        registry.register(
+            "actions",
+            "Script lines, by result: sent (answered), written (raw node), unknown (no answer), failed (not sent)",
+            m.actions.clone(),
+        );
+        registry.register(
+            "action_backlog",
+            "Script runs waiting for their notification node",
+            m.action_backlog.clone(),
+        );
         registry.register(
             "status",
             "Global status: 0 ok, 1 failed, 2 expired, 3 stopped, 4 deactivated",
@@ -341,6 +363,8 @@ impl Metrics {
             rejected,
             expiries: self.expiries.get_or_create(&l).clone(),
             actions_sent: action("sent"),
+            actions_written: action("written"),
+            actions_unknown: action("unknown"),
             actions_failed: action("failed"),
             status: self.status.get_or_create(&l).clone(),
             connections: self.connections.get_or_create(&l).clone(),
@@ -387,7 +411,7 @@ impl Metrics {
                 reason: r.as_str().into(),
             });
         }
-        for result in ["sent", "failed"] {
+        for result in ACTION_RESULTS {
             self.actions.remove(&ActionLabels {
                 watchdog: watchdog.into(),
                 result: result.into(),
@@ -398,6 +422,19 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&(watchdog.to_owned(), channel.to_owned()));
+    }
+
+    /// The backlog gauge of a notification node (script runs waiting for it).
+    pub fn node_backlog(&self, node: &str) -> Gauge {
+        self.action_backlog
+            .get_or_create(&NodeLabels { node: node.into() })
+            .clone()
+    }
+
+    /// Drops the series of a notification node that no longer exists (after a reload).
+    pub fn remove_node(&self, node: &str) {
+        self.action_backlog
+            .remove(&NodeLabels { node: node.into() });
     }
 
     /// Exports a vsock device's counters, labelled with its socket path.
@@ -441,9 +478,14 @@ pub struct WatchdogMetrics {
     pub rejected: [Counter; 4],
     /// Expiries.
     pub expiries: Counter,
-    /// Script lines the peer accepted.
+    /// Script lines the monitor answered (with success or an error).
     pub actions_sent: Counter,
-    /// Script lines that failed.
+    /// Script lines written to a raw node, which cannot answer.
+    pub actions_written: Counter,
+    /// Script lines written to a monitor that then gave no answer (timeout, EOF): QEMU may or
+    /// may not have run them.
+    pub actions_unknown: Counter,
+    /// Script lines that could not be sent.
     pub actions_failed: Counter,
     /// Global status gauge.
     pub status: Gauge,

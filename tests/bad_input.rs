@@ -205,7 +205,8 @@ fn hostile_channel_input_is_rejected_and_isolated() {
 }
 
 /// The notification peer closes in the middle of a three-line script: the line it swallowed
-/// is reported as lost (never resent), the rest go out on a new connection, and awd lives on.
+/// is reported as unknown (never resent, never done), the rest go out on a new connection, and
+/// awd lives on.
 #[test]
 fn a_notification_peer_that_closes_mid_script() {
     let d = scratch("midscript");
@@ -235,7 +236,7 @@ fn a_notification_peer_that_closes_mid_script() {
     assert_eq!(line.trim(), "stop");
     drop(r1);
     drop(c1);
-    let lost = awd.wait_msg("action failed", Some("w"), SHORT);
+    let lost = awd.wait_msg("action fate unknown", Some("w"), SHORT);
     assert_eq!(lost["line"], "stop");
     // Second connection: a well-behaved monitor gets the remaining lines, in order.
     let (mut c2, _) = hmp.accept().unwrap();

@@ -2,32 +2,42 @@
 //!
 //! One [`Runner`] task serves each notification chardev, whichever watchdogs share it. It keeps
 //! the connection open between jobs (connecting at startup, so the first expiry does not wait
-//! for a handshake), recognises the peer by its greeting ([`monitor`]), and runs scripts one at a
-//! time, line by line, in order. Every line's result is logged with the watchdog id and counted.
+//! for a handshake), recognises the peer by its greeting ([`monitor`]) and remembers what it
+//! was, and runs scripts one at a time, line by line, in order. Jobs wait in a per-node queue
+//! ([`queue`]) that never drops one: each watchdog has its own small queue, served in turn.
+//! Every line's result is logged with the watchdog id and counted.
 //!
 //! Delivery is at most once per line: a line that may have reached the peer is never sent
 //! again, so a lost reply cannot cause two failovers. A line that certainly did not reach the
-//! peer is retried on a new connection, a bounded number of times.
+//! peer is retried on a new connection, a bounded number of times. Each line ends one of four
+//! ways: answered by the monitor (`sent`), written to a raw socket that cannot answer
+//! (`written`), written to a monitor that then timed out or closed (`unknown`: QEMU may or may
+//! not have run it; the connection is closed, by every holder, before the next line), or not
+//! sent at all (`failed`).
 //!
 //! When the node is a QMP monitor, the runner also follows the VM's run state on that
 //! connection (`query-status` at connect, then STOP, RESUME, SHUTDOWN and MIGRATION events) and
-//! publishes it for the `vm-running` condition of the watchdogs that use the node.
+//! publishes it, with a count of the times the VM started over ([`VmState`]), for the watchdogs
+//! that use the node.
 
 pub mod monitor;
 pub mod qmp;
+pub mod queue;
 pub mod script;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::config::SocketChardev;
 use crate::metrics::WatchdogMetrics;
-use monitor::{DeliveryError, Monitor, Outcome};
-use script::Script;
+use monitor::{DeliveryError, Kind, Monitor, Outcome};
+use queue::{JobQueue, Pushed};
+use script::{Script, TypedCommand};
 
 /// The time allowed for one line's answer.
 pub const LINE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -60,18 +70,33 @@ pub struct LineReport {
     pub result: Result<Outcome, DeliveryError>,
 }
 
+/// What awd knows of the VM behind a notification node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct VmState {
+    /// Whether the VM runs its guest, as its QMP monitor reports it (`None` while unknown, and
+    /// always for HMP and raw nodes).
+    pub running: Option<bool>,
+    /// How many times awd saw the VM start over: a QMP `RESET` event, a `SHUTDOWN` event for a
+    /// reboot, a new QEMU process behind the monitor, or a `system_reset` line the monitor
+    /// answered with success. One restart can be seen more than once (a `system_reset` is
+    /// answered *and* followed by `RESET`): watch for a change, do not count boots.
+    pub starts: u64,
+}
+
 /// A handle to queue jobs on a runner.
 #[derive(Debug, Clone)]
 pub struct RunnerHandle {
-    tx: mpsc::Sender<Job>,
+    queue: Arc<JobQueue>,
     chardev: Arc<str>,
-    vm: watch::Receiver<Option<bool>>,
+    vm: watch::Receiver<VmState>,
+    /// In unit tests of the watchdog, jobs go here instead (the test plays the runner).
+    #[cfg(test)]
+    tap: Option<mpsc::Sender<Job>>,
 }
 
 impl RunnerHandle {
-    /// The VM's run state as the node's QMP monitor reports it (`None` while unknown, and
-    /// always for HMP and raw nodes).
-    pub fn vm_state(&self) -> watch::Receiver<Option<bool>> {
+    /// What the node tells of the VM: its run state and how often it started over.
+    pub fn vm_state(&self) -> watch::Receiver<VmState> {
         self.vm.clone()
     }
 
@@ -79,63 +104,94 @@ impl RunnerHandle {
     #[cfg(test)]
     pub fn for_tests() -> (RunnerHandle, mpsc::Receiver<Job>) {
         let (tx, rx) = mpsc::channel(64);
-        let (_vm_tx, vm) = watch::channel(None);
+        let (_vm_tx, vm) = watch::channel(VmState::default());
         (
             RunnerHandle {
-                tx,
+                queue: Arc::new(JobQueue::new("test")),
                 chardev: "test".into(),
                 vm,
+                tap: Some(tx),
             },
             rx,
         )
     }
 
-    /// Queues a job. Never blocks: if 64 jobs are already waiting, this one is dropped with an
-    /// error log (the node is unreachable and the queue holds plenty already).
+    /// Queues a job behind the watchdog's earlier ones. Never blocks and never drops a job
+    /// while the runner runs (see [`queue`]); only a runner that has stopped (shutdown, or a
+    /// reload that removed the node) refuses it, with an error log.
     pub fn submit(&self, job: Job) {
-        if let Err(e) = self.tx.try_send(job) {
-            let job = match e {
-                mpsc::error::TrySendError::Full(j) | mpsc::error::TrySendError::Closed(j) => j,
-            };
-            job.metrics
-                .actions_failed
-                .inc_by(job.script.lines.len() as u64);
-            error!(
-                watchdog = &*job.watchdog,
-                node = &*self.chardev,
-                "script dropped: the notification node's queue is full or closed"
-            );
+        #[cfg(test)]
+        if let Some(tap) = &self.tap {
+            let _ = tap.try_send(job);
+            return;
+        }
+        match self.queue.push(job) {
+            Pushed::Queued { backlog } => {
+                debug!(node = &*self.chardev, backlog, "script queued")
+            }
+            Pushed::Coalesced => {}
+            Pushed::Closed(job) => {
+                job.metrics
+                    .actions_failed
+                    .inc_by(job.script.lines.len() as u64);
+                error!(
+                    watchdog = &*job.watchdog,
+                    node = &*self.chardev,
+                    "script not run: the notification node's runner has stopped"
+                );
+            }
         }
     }
+}
+
+/// How the previous connection to the node ended, to tell a new QEMU behind a TCP node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LastEnd {
+    /// No connection yet.
+    Never,
+    /// Still open, or closed by awd.
+    Ours,
+    /// The peer ended it (EOF, reset, write failure).
+    Peer,
 }
 
 /// Serves one notification chardev.
 pub struct Runner {
     chardev: SocketChardev,
-    jobs: mpsc::Receiver<Job>,
+    queue: Arc<JobQueue>,
     monitor: Option<Monitor>,
     reports: Option<mpsc::UnboundedSender<LineReport>>,
     failures: u32,
-    vm: Arc<watch::Sender<Option<bool>>>,
+    vm: Arc<watch::Sender<VmState>>,
+    /// What the node turned out to be, once seen.
+    kind: Option<Kind>,
+    /// The pid behind the Unix socket on the last connection.
+    last_pid: Option<u32>,
+    last_end: LastEnd,
 }
 
 impl Runner {
     /// A runner for `chardev` and the handle to feed it.
     pub fn new(chardev: SocketChardev) -> (Runner, RunnerHandle) {
-        let (tx, jobs) = mpsc::channel(64);
-        let (vm_tx, vm) = watch::channel(None);
+        let queue = Arc::new(JobQueue::new(&chardev.id));
+        let (vm_tx, vm) = watch::channel(VmState::default());
         let handle = RunnerHandle {
-            tx,
+            queue: queue.clone(),
             chardev: chardev.id.as_str().into(),
             vm,
+            #[cfg(test)]
+            tap: None,
         };
         let runner = Runner {
             chardev,
-            jobs,
+            queue,
             monitor: None,
             reports: None,
             failures: 0,
             vm: Arc::new(vm_tx),
+            kind: None,
+            last_pid: None,
+            last_end: LastEnd::Never,
         };
         (runner, handle)
     }
@@ -146,28 +202,30 @@ impl Runner {
         self
     }
 
+    /// Export the number of jobs waiting on `gauge` (`awd_action_backlog{node}`).
+    pub fn with_backlog_gauge(self, gauge: Gauge) -> Self {
+        self.queue.set_gauge(gauge);
+        self
+    }
+
     /// Runs until `shutdown`. A job under way when shutdown comes is finished or abandoned
     /// after its current line, with a log line either way.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut idle_backoff = Duration::ZERO;
+        let queue = self.queue.clone();
         loop {
-            let closed = match &self.monitor {
-                Some(Monitor::Qmp(c)) => Some(c.closed().clone()),
-                _ => None,
-            };
+            let connected = self.monitor.is_some();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                job = self.jobs.recv() => match job {
-                    Some(job) => self.run_job(job, &shutdown).await,
-                    None => break,
-                },
-                _ = async { closed.as_ref().expect("guarded").cancelled().await }, if closed.is_some() => {
-                    debug!(node = %self.chardev.id, "QMP connection closed");
+                job = queue.pop() => self.run_job(job, &shutdown).await,
+                _ = async { self.monitor.as_mut().expect("guarded").ended().await }, if connected => {
+                    debug!(node = %self.chardev.id, "notification node closed the connection");
                     self.monitor = None;
+                    self.last_end = LastEnd::Peer;
                     idle_backoff = RETRY_PAUSE;
                 }
-                _ = tokio::time::sleep(idle_backoff), if self.monitor.is_none() => {
+                _ = tokio::time::sleep(idle_backoff), if !connected => {
                     if self.connect().await {
                         idle_backoff = Duration::ZERO;
                     } else {
@@ -176,22 +234,48 @@ impl Runner {
                 }
             }
         }
-        let mut abandoned = 0;
-        while let Ok(job) = self.jobs.try_recv() {
+        let abandoned = self.queue.close();
+        for job in &abandoned {
             warn!(watchdog = &*job.watchdog, node = %self.chardev.id, "shutting down: script abandoned");
-            abandoned += 1;
         }
-        debug!(node = %self.chardev.id, abandoned, "action runner stopped");
+        if let Some(m) = self.monitor.take() {
+            m.close().await;
+        }
+        debug!(node = %self.chardev.id, abandoned = abandoned.len(), "action runner stopped");
+    }
+
+    /// Counts a start-over of the VM and says why.
+    fn started_over(&self, why: &str) {
+        started_over(&self.vm, &self.chardev.id, why);
+    }
+
+    /// Closes the connection (every holder of it) and forgets it.
+    async fn drop_monitor(&mut self, end: LastEnd) {
+        if let Some(m) = self.monitor.take() {
+            m.close().await;
+        }
+        self.last_end = end;
     }
 
     /// Tries once to connect; logs the first failure of a streak at warn, the rest at debug.
     async fn connect(&mut self) -> bool {
-        match Monitor::connect(&self.chardev.endpoint).await {
+        match Monitor::connect(&self.chardev.endpoint, self.kind).await {
             Ok(m) => {
-                info!(node = %self.chardev.id, endpoint = %self.chardev.endpoint, kind = m.kind(), "notification node connected");
-                if m.qmp().is_none() {
-                    debug!(node = %self.chardev.id, "not a QMP monitor: the VM's run state (vm-running) cannot be followed here");
+                let kind = m.kind();
+                info!(node = %self.chardev.id, endpoint = %self.chardev.endpoint, %kind, pid = m.peer_pid(), "notification node connected");
+                if self.kind != Some(kind) {
+                    if let Some(old) = self.kind {
+                        warn!(node = %self.chardev.id, was = %old, now = %kind, "the notification node changed kind");
+                    }
+                    if kind != Kind::Qmp {
+                        warn!(node = %self.chardev.id, %kind, "not a QMP monitor: the VM's run state (vm-running) cannot be followed through this node");
+                    }
+                    self.kind = Some(kind);
                 }
+                if kind != Kind::Raw {
+                    self.note_new_process(&m);
+                }
+                self.last_end = LastEnd::Ours;
                 if let Some(c) = m.qmp() {
                     tokio::spawn(track_vm(
                         c.clone(),
@@ -216,8 +300,27 @@ impl Runner {
         }
     }
 
+    /// A new QEMU process behind the monitor is a VM that started over: over a Unix socket,
+    /// a peer pid not seen on the previous connection (the first one included); over TCP, the
+    /// first connection, or one after the peer ended the previous one.
+    fn note_new_process(&mut self, m: &Monitor) {
+        match (m.peer_pid(), &self.chardev.endpoint) {
+            (Some(pid), _) => {
+                if self.last_pid != Some(pid) {
+                    self.started_over(&format!("new QEMU process behind the monitor (pid {pid})"));
+                }
+                self.last_pid = Some(pid);
+            }
+            (None, _) => match self.last_end {
+                LastEnd::Never => self.started_over("first connection to the monitor"),
+                LastEnd::Peer => self.started_over("new connection after the monitor closed"),
+                LastEnd::Ours => {}
+            },
+        }
+    }
+
     async fn run_job(&mut self, job: Job, shutdown: &CancellationToken) {
-        info!(watchdog = &*job.watchdog, node = %self.chardev.id, lines = job.script.lines.len(), "running script");
+        info!(watchdog = &*job.watchdog, node = %self.chardev.id, lines = job.script.lines.len(), backlog = self.queue.len(), "running script");
         for (i, line) in job.script.lines.iter().enumerate() {
             if shutdown.is_cancelled() {
                 warn!(watchdog = &*job.watchdog, node = %self.chardev.id, remaining = job.script.lines.len() - i,
@@ -229,12 +332,25 @@ impl Runner {
                 Ok(Outcome::Ok(reply)) => {
                     job.metrics.actions_sent.inc();
                     info!(watchdog = &*job.watchdog, node = %self.chardev.id, line = %line.text, reply = %reply, "action done");
+                    if line.typed == Some(TypedCommand::SystemReset) {
+                        self.started_over("system_reset answered with success");
+                    }
                 }
                 Ok(Outcome::Error(reply)) => {
                     job.metrics.actions_sent.inc();
                     warn!(watchdog = &*job.watchdog, node = %self.chardev.id, line = %line.text, reply = %reply, "action answered with an error");
                 }
-                Err(e) => {
+                Ok(Outcome::Written) => {
+                    job.metrics.actions_written.inc();
+                    info!(watchdog = &*job.watchdog, node = %self.chardev.id, line = %line.text,
+                        "action written (raw node: no answer possible)");
+                }
+                Err(e @ DeliveryError::Unknown(_)) => {
+                    job.metrics.actions_unknown.inc();
+                    error!(watchdog = &*job.watchdog, node = %self.chardev.id, line = %line.text,
+                        "action fate unknown: {e}");
+                }
+                Err(e @ DeliveryError::NotSent(_)) => {
                     job.metrics.actions_failed.inc();
                     error!(watchdog = &*job.watchdog, node = %self.chardev.id, line = %line.text, "action failed: {e}");
                 }
@@ -259,7 +375,7 @@ impl Runner {
             if let Some(m) = &mut self.monitor
                 && m.is_closed().await
             {
-                self.monitor = None;
+                self.drop_monitor(LastEnd::Peer).await;
             }
             if self.monitor.is_none() {
                 if attempt > 0 {
@@ -273,19 +389,31 @@ impl Runner {
             let m = self.monitor.as_mut().expect("connected above");
             match m.run(line, LINE_TIMEOUT).await {
                 Ok(o) => return Ok(o),
-                Err(e @ DeliveryError::Lost(_)) => {
-                    self.monitor = None;
+                Err(e @ DeliveryError::Unknown(_)) => {
+                    // The monitor may still be busy with this line. QEMU greets no new client
+                    // while any holder keeps this connection open, so close it for all.
+                    self.drop_monitor(LastEnd::Ours).await;
                     return Err(e);
                 }
                 Err(e @ DeliveryError::NotSent(_)) => {
                     debug!(watchdog = &*job.watchdog, node = %self.chardev.id, "retrying on a new connection: {e}");
-                    self.monitor = None;
+                    self.drop_monitor(LastEnd::Peer).await;
                     last = e;
                 }
             }
         }
         Err(last)
     }
+}
+
+/// Counts a start-over of the VM on `tx` and logs why.
+fn started_over(tx: &watch::Sender<VmState>, node: &str, why: &str) {
+    let mut starts = 0;
+    tx.send_modify(|s| {
+        s.starts += 1;
+        starts = s.starts;
+    });
+    info!(%node, starts, reason = why, "VM started over");
 }
 
 /// What a QMP event says about the VM's run state: `Some(false)` while it cannot run the
@@ -305,29 +433,62 @@ fn vm_event(name: &str, data: &serde_json::Value) -> Option<Option<bool>> {
     }
 }
 
+/// Whether a QMP event means the VM starts over.
+///
+/// What QEMU 7.2 sends, measured here (a guest `reboot -f`, and QMP `system_reset`):
+/// - normally (reboot action `reset`): `RESET` with `{"guest": true, "reason": "guest-reset"}`
+///   for a guest reboot (often twice: the firmware resets again), and `RESET` with
+///   `{"guest": false, "reason": "host-qmp-system-reset"}` for `system_reset` — sent *before*
+///   the command's `{"return": {}}` — then `RESET` `guest-reset` as the firmware restarts;
+/// - with `-no-reboot` (reboot action `shutdown`): `SHUTDOWN` with the same reasons,
+///   `guest-reset` or `host-qmp-system-reset`, and QEMU exits (whoever restarts it starts a
+///   new process, seen as such).
+///
+/// Any `RESET` counts (`subsystem-reset` too: a reset is a reset); `SHUTDOWN` only for those
+/// reboot reasons, not for a power-off (`guest-shutdown`, `host-qmp-quit`, …).
+fn starts_over(name: &str, data: &serde_json::Value) -> bool {
+    match name {
+        "RESET" => true,
+        "SHUTDOWN" => matches!(
+            data.get("reason").and_then(|r| r.as_str()),
+            Some("guest-reset" | "host-qmp-system-reset" | "subsystem-reset")
+        ),
+        _ => false,
+    }
+}
+
 /// Follows the VM's run state on a QMP connection until it closes; publishes it on `tx`.
-async fn track_vm(client: Arc<qmp::QmpClient>, tx: Arc<watch::Sender<Option<bool>>>, node: String) {
+/// Ends (dropping its client) as soon as the connection closes, whoever closed it.
+async fn track_vm(client: Arc<qmp::QmpClient>, tx: Arc<watch::Sender<VmState>>, node: String) {
     let mut events = client.events();
-    let query = async |client: &qmp::QmpClient| match client
-        .execute(qapi::qmp::query_status {}, LINE_TIMEOUT)
-        .await
-    {
-        Ok(Ok(st)) => Some(st.running),
-        Ok(Err(e)) => {
-            warn!(%node, "query-status failed: {}", e.desc);
-            None
-        }
-        Err(e) => {
-            debug!(%node, "query-status failed: {e}");
-            None
+    let query = async |client: &qmp::QmpClient| {
+        let asked = client.execute(qapi::qmp::query_status {}, LINE_TIMEOUT);
+        let answer = tokio::select! {
+            _ = client.closed().cancelled() => return None,
+            a = asked => a,
+        };
+        match answer {
+            Ok(Ok(st)) => Some(st.running),
+            Ok(Err(e)) => {
+                warn!(%node, "query-status failed: {}", e.desc);
+                None
+            }
+            Err(e) => {
+                debug!(%node, "query-status failed: {e}");
+                None
+            }
         }
     };
     let publish = |running: Option<bool>| {
-        if let Some(r) = running
-            && *tx.borrow() != Some(r)
-        {
-            info!(%node, running = r, "VM run state");
-            tx.send_replace(Some(r));
+        if let Some(r) = running {
+            let changed = tx.send_if_modified(|s| {
+                let changed = s.running != Some(r);
+                s.running = Some(r);
+                changed
+            });
+            if changed {
+                info!(%node, running = r, "VM run state");
+            }
         }
     };
     publish(query(&client).await);
@@ -337,17 +498,23 @@ async fn track_vm(client: Arc<qmp::QmpClient>, tx: Arc<watch::Sender<Option<bool
             ev = events.recv() => ev,
         };
         match ev {
-            Ok(ev) => match vm_event(&ev.name, &ev.data) {
-                Some(Some(r)) => publish(Some(r)),
-                Some(None) => publish(query(&client).await),
-                None => {}
-            },
+            Ok(ev) => {
+                if starts_over(&ev.name, &ev.data) {
+                    started_over(&tx, &node, &format!("QMP event {} {}", ev.name, ev.data));
+                }
+                match vm_event(&ev.name, &ev.data) {
+                    Some(Some(r)) => publish(Some(r)),
+                    Some(None) => publish(query(&client).await),
+                    None => {}
+                }
+            }
             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                 publish(query(&client).await)
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
         }
     }
+    drop(client);
     debug!(%node, "stopped following the VM run state");
 }
 
@@ -366,7 +533,97 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Endpoint;
+    use crate::metrics::Metrics;
     use serde_json::json;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    /// A runner on a fake node at `path`, its handle, and its line reports.
+    fn runner_at(
+        path: &std::path::Path,
+    ) -> (
+        RunnerHandle,
+        mpsc::UnboundedReceiver<LineReport>,
+        CancellationToken,
+    ) {
+        let (runner, handle) = Runner::new(SocketChardev {
+            id: "mon".into(),
+            endpoint: Endpoint::Unix(path.to_owned()),
+            server: false,
+            reconnect: Duration::from_secs(1),
+            nodelay: false,
+        });
+        let (tx, reports) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        tokio::spawn(runner.with_reports(tx).run(stop.clone()));
+        (handle, reports, stop)
+    }
+
+    fn job(wd: &str, text: &str) -> Job {
+        Job {
+            watchdog: wd.into(),
+            script: Arc::new(Script::parse(text, "t").unwrap()),
+            metrics: Metrics::new().watchdog(wd, "hb"),
+        }
+    }
+
+    async fn report(rx: &mut mpsc::UnboundedReceiver<LineReport>) -> LineReport {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("a line report in time")
+            .expect("runner alive")
+    }
+
+    #[tokio::test]
+    async fn an_answered_system_reset_on_hmp_counts_a_start_and_a_raw_write_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let hmp = dir.path().join("hmp");
+        let l = tokio::net::UnixListener::bind(&hmp).unwrap();
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let (r, mut w) = tokio::io::split(s);
+            let mut r = BufReader::new(r);
+            w.write_all(b"QEMU 7.2.22 monitor - type 'help' for more information\r\n(qemu) ")
+                .await
+                .unwrap();
+            let mut line = String::new();
+            while r.read_line(&mut line).await.unwrap() > 0 {
+                // QEMU echoes the command, then prompts again.
+                w.write_all(format!("{}\r\n(qemu) ", line.trim()).as_bytes())
+                    .await
+                    .unwrap();
+                line.clear();
+            }
+        });
+        let (handle, mut reports, stop) = runner_at(&hmp);
+        let mut vm = handle.vm_state();
+        handle.submit(job("w", "system_reset"));
+        let r = report(&mut reports).await;
+        assert_eq!(r.result, Ok(Outcome::Ok(String::new())), "{r:?}");
+        // The connection (a new pid: this process) counted once, the answered reset once.
+        assert_eq!(vm.borrow_and_update().starts, 2);
+        assert_eq!(vm.borrow().running, None, "HMP cannot tell the run state");
+        stop.cancel();
+
+        let raw = dir.path().join("raw");
+        let l = tokio::net::UnixListener::bind(&raw).unwrap();
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let mut r = BufReader::new(s);
+            let mut line = String::new();
+            while r.read_line(&mut line).await.unwrap_or(0) > 0 {}
+        });
+        let (handle, mut reports, stop) = runner_at(&raw);
+        handle.submit(job("w", "system_reset"));
+        let r = report(&mut reports).await;
+        assert_eq!(r.result, Ok(Outcome::Written));
+        assert_eq!(
+            handle.vm_state().borrow().starts,
+            0,
+            "a raw node is no QEMU, and a written reset is no answer"
+        );
+        stop.cancel();
+    }
 
     #[test]
     fn qmp_events_map_to_the_vm_run_state() {
@@ -389,5 +646,32 @@ mod tests {
         );
         assert_eq!(vm_event("MIGRATION_PASS", &json!({"pass": 2})), None);
         assert_eq!(vm_event("RTC_CHANGE", &json!({})), None);
+    }
+
+    #[test]
+    fn resets_and_reboot_shutdowns_count_as_the_vm_starting_over() {
+        // As QEMU 7.2 sends them (see `starts_over`).
+        let guest_reboot = json!({"guest": true, "reason": "guest-reset"});
+        let qmp_reset = json!({"guest": false, "reason": "host-qmp-system-reset"});
+        assert!(starts_over("RESET", &guest_reboot));
+        assert!(starts_over("RESET", &qmp_reset));
+        assert!(starts_over("SHUTDOWN", &guest_reboot), "-no-reboot");
+        assert!(starts_over("SHUTDOWN", &qmp_reset), "-no-reboot");
+        for reason in [
+            "guest-shutdown",
+            "host-qmp-quit",
+            "host-signal",
+            "guest-panic",
+        ] {
+            assert!(
+                !starts_over("SHUTDOWN", &json!({"guest": false, "reason": reason})),
+                "{reason} is not a reboot"
+            );
+        }
+        assert!(!starts_over("STOP", &json!({})));
+        assert!(
+            !starts_over("POWERDOWN", &json!({})),
+            "system_powerdown is not a start"
+        );
     }
 }

@@ -6,6 +6,14 @@
 //! | `{"QMP": …}` | QMP | typed command through `qapi`, or `human-monitor-command` |
 //! | `QEMU … monitor - type 'help' …` then `(qemu) ` | HMP | the line as typed, reply read up to the next prompt |
 //! | anything else, or nothing within a second | raw | the line and a newline |
+//!
+//! A node's kind, once seen, is remembered by its runner and passed back in on every
+//! reconnect: a QMP or HMP monitor that stays silent (QEMU hung, or another client holds the
+//! monitor) is a connection that failed and will be retried, never a raw socket.
+//!
+//! A line counts as done only when the monitor answered it. A line written to a monitor that
+//! then timed out or closed has an unknown fate ([`DeliveryError::Unknown`]); a line written to
+//! a raw socket, where no answer is possible, is [`Outcome::Written`].
 
 use std::time::Duration;
 
@@ -20,7 +28,8 @@ use super::qmp::{QmpClient, QmpError, read_line_bounded};
 use super::script::{ScriptLine, TypedCommand};
 use crate::config::Endpoint;
 
-/// How long a peer has to greet before it is taken for a plain socket.
+/// How long a peer of unknown kind has to greet before it is taken for a plain socket. A peer
+/// known to be a monitor gets the whole [`CONNECT_TIMEOUT`].
 pub const GREETING_TIMEOUT: Duration = Duration::from_millis(1000);
 /// The limit on connect + greeting + negotiation.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -33,6 +42,40 @@ pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
 
 type BoxStream = Box<dyn Stream>;
+
+/// What a notification node turned out to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A QMP monitor.
+    Qmp,
+    /// An HMP monitor.
+    Hmp,
+    /// A plain socket: no protocol, no answers.
+    Raw,
+}
+
+impl Kind {
+    /// "QMP", "HMP" or "raw".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Qmp => "QMP",
+            Kind::Hmp => "HMP",
+            Kind::Raw => "raw",
+        }
+    }
+
+    /// Whether this kind greets on connect (a silent peer of this kind is a failure, not a
+    /// raw socket).
+    fn greets(self) -> bool {
+        matches!(self, Kind::Qmp | Kind::Hmp)
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Why a monitor connection could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +95,19 @@ pub enum MonitorError {
         /// Where.
         endpoint: String,
         /// The limit.
+        timeout: Duration,
+    },
+    /// A node known to be a monitor sent no greeting in time: QEMU is hung, or another client
+    /// holds the monitor (QEMU serves one at a time). Retried later; never taken for raw.
+    #[error(
+        "{endpoint}: no greeting within {timeout:?} from a node known as {kind} (QEMU hung, or another client holds the monitor)"
+    )]
+    GreetingLate {
+        /// Where.
+        endpoint: String,
+        /// What it was last time.
+        kind: Kind,
+        /// How long awd waited.
         timeout: Duration,
     },
     /// The peer closed the connection at once.
@@ -80,13 +136,17 @@ pub enum MonitorError {
     },
 }
 
-/// QEMU's answer to one script line.
+/// What became of one script line that reached the peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// Success; the text is the reply (`{}` for typed commands, the output for HMP).
+    /// The monitor answered with success; the text is the reply (`{}` for typed commands, the
+    /// output for HMP).
     Ok(String),
-    /// QEMU answered with an error: a QMP error or HMP output starting with `Error:`.
+    /// The monitor answered with an error: a QMP error or HMP output starting with `Error:`.
     Error(String),
+    /// Written to a raw socket in full. A raw peer has no protocol and never answers, so this is
+    /// all awd can know; it is not an answer.
+    Written,
 }
 
 /// Why a line got no answer.
@@ -95,14 +155,20 @@ pub enum DeliveryError {
     /// The line did not reach the peer; it is safe to send again on a new connection.
     #[error("not sent: {0}")]
     NotSent(String),
-    /// The line was written, but the connection ended or timed out before an answer. It is not
-    /// sent again (at most once: never two `quit`s or two failovers).
-    #[error("sent, but no answer: {0}")]
-    Lost(String),
+    /// The line was written to a monitor, but the connection ended or timed out before an
+    /// answer: QEMU may have run it, or not. It is not sent again (at most once: never two
+    /// `quit`s or two failovers), and it is never reported as done.
+    #[error("fate unknown (written, no answer): {0}")]
+    Unknown(String),
 }
 
 /// A connected notification node.
-pub enum Monitor {
+pub struct Monitor {
+    conn: Conn,
+    peer_pid: Option<u32>,
+}
+
+enum Conn {
     /// A QMP monitor (shared with the task that follows the VM's run state).
     Qmp(std::sync::Arc<QmpClient>),
     /// An HMP monitor.
@@ -113,7 +179,10 @@ pub enum Monitor {
 
 impl std::fmt::Debug for Monitor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.kind())
+        f.debug_struct("Monitor")
+            .field("kind", &self.kind())
+            .field("peer_pid", &self.peer_pid)
+            .finish()
     }
 }
 
@@ -123,14 +192,24 @@ pub struct LineClient {
     writer: WriteHalf<BoxStream>,
 }
 
-async fn open(endpoint: &Endpoint) -> std::io::Result<BoxStream> {
+/// Connects; for a Unix socket also returns the peer's pid (`SO_PEERCRED`), which tells one
+/// QEMU process from the next behind the same path.
+async fn open(endpoint: &Endpoint) -> std::io::Result<(BoxStream, Option<u32>)> {
     Ok(match endpoint {
         Endpoint::Tcp { host, port } => {
             let s = TcpStream::connect((host.as_str(), *port)).await?;
             let _ = s.set_nodelay(true);
-            Box::new(s)
+            (Box::new(s), None)
         }
-        Endpoint::Unix(p) => Box::new(UnixStream::connect(p).await?),
+        Endpoint::Unix(p) => {
+            let s = UnixStream::connect(p).await?;
+            let pid = s
+                .peer_cred()
+                .ok()
+                .and_then(|c| c.pid())
+                .and_then(|p| u32::try_from(p).ok());
+            (Box::new(s), pid)
+        }
     })
 }
 
@@ -189,33 +268,62 @@ pub fn clean_hmp_output(raw: &[u8]) -> String {
 }
 
 impl Monitor {
-    /// Connects to `endpoint` and recognises what answers.
-    pub async fn connect(endpoint: &Endpoint) -> Result<Monitor, MonitorError> {
+    /// Connects to `endpoint` and recognises what answers. `known` is what the node was last
+    /// time: a node known to greet (QMP, HMP) that stays silent is an error
+    /// ([`MonitorError::GreetingLate`]), not a raw socket.
+    pub async fn connect(
+        endpoint: &Endpoint,
+        known: Option<Kind>,
+    ) -> Result<Monitor, MonitorError> {
         let ep = endpoint.to_string();
-        match tokio::time::timeout(CONNECT_TIMEOUT, Self::connect_inner(endpoint, &ep)).await {
+        match tokio::time::timeout(CONNECT_TIMEOUT, Self::connect_inner(endpoint, &ep, known)).await
+        {
             Ok(r) => r,
-            Err(_) => Err(MonitorError::Timeout {
-                endpoint: ep,
-                timeout: CONNECT_TIMEOUT,
+            Err(_) => Err(match known {
+                Some(kind) if kind.greets() => MonitorError::GreetingLate {
+                    endpoint: ep,
+                    kind,
+                    timeout: CONNECT_TIMEOUT,
+                },
+                _ => MonitorError::Timeout {
+                    endpoint: ep,
+                    timeout: CONNECT_TIMEOUT,
+                },
             }),
         }
     }
 
-    async fn connect_inner(endpoint: &Endpoint, ep: &str) -> Result<Monitor, MonitorError> {
-        let stream = open(endpoint)
+    async fn connect_inner(
+        endpoint: &Endpoint,
+        ep: &str,
+        known: Option<Kind>,
+    ) -> Result<Monitor, MonitorError> {
+        let (stream, peer_pid) = open(endpoint)
             .await
             .map_err(|source| MonitorError::Connect {
                 endpoint: ep.to_owned(),
                 source,
             })?;
+        let conn = Self::greet(stream, ep, known).await?;
+        Ok(Monitor { conn, peer_pid })
+    }
+
+    async fn greet(stream: BoxStream, ep: &str, known: Option<Kind>) -> Result<Conn, MonitorError> {
         let (r, writer) = tokio::io::split(stream);
         let mut reader = BufReader::new(r);
         let read_err = |source| MonitorError::Read {
             endpoint: ep.to_owned(),
             source,
         };
-        let first = match tokio::time::timeout(GREETING_TIMEOUT, reader.fill_buf()).await {
-            Err(_) => return Ok(Monitor::Raw(LineClient { reader, writer })),
+        let wait_greeting = async {
+            match known {
+                // The outer CONNECT_TIMEOUT bounds the wait.
+                Some(k) if k.greets() => Ok(reader.fill_buf().await),
+                _ => tokio::time::timeout(GREETING_TIMEOUT, reader.fill_buf()).await,
+            }
+        };
+        let first = match wait_greeting.await {
+            Err(_) => return Ok(Conn::Raw(LineClient { reader, writer })),
             Ok(Err(e)) => return Err(read_err(e)),
             Ok(Ok([])) => {
                 return Err(MonitorError::ClosedAtGreeting {
@@ -240,40 +348,72 @@ impl Monitor {
                         endpoint: ep.to_owned(),
                         source,
                     })?;
-                return Ok(Monitor::Qmp(std::sync::Arc::new(client)));
+                return Ok(Conn::Qmp(std::sync::Arc::new(client)));
             }
-            return Ok(Monitor::Raw(LineClient { reader, writer }));
+            return Ok(Conn::Raw(LineClient { reader, writer }));
         }
         if reader.buffer().starts_with(b"QEMU") {
             read_to_prompt(&mut reader).await.map_err(read_err)?;
-            return Ok(Monitor::Hmp(LineClient { reader, writer }));
+            return Ok(Conn::Hmp(LineClient { reader, writer }));
         }
-        Ok(Monitor::Raw(LineClient { reader, writer }))
+        Ok(Conn::Raw(LineClient { reader, writer }))
     }
 
-    /// "QMP", "HMP" or "raw".
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Monitor::Qmp(_) => "QMP",
-            Monitor::Hmp(_) => "HMP",
-            Monitor::Raw(_) => "raw",
+    /// What the node is.
+    pub fn kind(&self) -> Kind {
+        match self.conn {
+            Conn::Qmp(_) => Kind::Qmp,
+            Conn::Hmp(_) => Kind::Hmp,
+            Conn::Raw(_) => Kind::Raw,
         }
+    }
+
+    /// The pid of the process behind a Unix socket (`SO_PEERCRED`); `None` over TCP.
+    pub fn peer_pid(&self) -> Option<u32> {
+        self.peer_pid
     }
 
     /// The QMP client, if this is a QMP monitor.
     pub fn qmp(&self) -> Option<&std::sync::Arc<QmpClient>> {
-        match self {
-            Monitor::Qmp(c) => Some(c),
+        match &self.conn {
+            Conn::Qmp(c) => Some(c),
             _ => None,
+        }
+    }
+
+    /// Closes the connection now. For QMP this closes the socket even though the VM-state
+    /// tracker still holds the client (QEMU would greet no new client while it is open).
+    pub async fn close(self) {
+        match self.conn {
+            Conn::Qmp(c) => c.close().await,
+            Conn::Hmp(c) | Conn::Raw(c) => drop(c),
+        }
+    }
+
+    /// Waits until the peer ends the connection. Output a raw or HMP peer sends meanwhile is
+    /// discarded (HMP says nothing unasked). Cancel-safe.
+    pub async fn ended(&mut self) {
+        let client = match &mut self.conn {
+            Conn::Qmp(c) => return c.closed().cancelled().await,
+            Conn::Hmp(c) | Conn::Raw(c) => c,
+        };
+        loop {
+            match client.reader.fill_buf().await {
+                Err(_) | Ok([]) => return,
+                Ok(buf) => {
+                    let n = buf.len();
+                    client.reader.consume(n);
+                }
+            }
         }
     }
 
     /// Whether the peer has closed the connection (checked without blocking). Output a raw
     /// peer sent meanwhile is discarded.
     pub async fn is_closed(&mut self) -> bool {
-        let client = match self {
-            Monitor::Qmp(c) => return c.closed().is_cancelled(),
-            Monitor::Hmp(c) | Monitor::Raw(c) => c,
+        let client = match &mut self.conn {
+            Conn::Qmp(c) => return c.closed().is_cancelled(),
+            Conn::Hmp(c) | Conn::Raw(c) => c,
         };
         loop {
             match tokio::time::timeout(Duration::ZERO, client.reader.fill_buf()).await {
@@ -293,9 +433,9 @@ impl Monitor {
         line: &ScriptLine,
         timeout: Duration,
     ) -> Result<Outcome, DeliveryError> {
-        match self {
-            Monitor::Qmp(c) => run_qmp(c, line, timeout).await,
-            Monitor::Hmp(c) => {
+        match &mut self.conn {
+            Conn::Qmp(c) => run_qmp(c, line, timeout).await,
+            Conn::Hmp(c) => {
                 let quit = line.typed == Some(TypedCommand::Quit);
                 write_line(c, &line.text, timeout).await?;
                 match tokio::time::timeout(timeout, read_to_prompt(&mut c.reader)).await {
@@ -310,13 +450,15 @@ impl Monitor {
                     Ok(Err(_)) if quit => {
                         Ok(Outcome::Ok("QEMU closed the monitor after quit".into()))
                     }
-                    Ok(Err(e)) => Err(DeliveryError::Lost(e.to_string())),
-                    Err(_) => Err(DeliveryError::Lost(format!("no prompt within {timeout:?}"))),
+                    Ok(Err(e)) => Err(DeliveryError::Unknown(e.to_string())),
+                    Err(_) => Err(DeliveryError::Unknown(format!(
+                        "no prompt within {timeout:?}"
+                    ))),
                 }
             }
-            Monitor::Raw(c) => {
+            Conn::Raw(c) => {
                 write_line(c, &line.text, timeout).await?;
-                Ok(Outcome::Ok("written".into()))
+                Ok(Outcome::Written)
             }
         }
     }
@@ -338,7 +480,7 @@ async fn write_line(
     {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(DeliveryError::NotSent(e.to_string())),
-        Err(_) => Err(DeliveryError::Lost(format!(
+        Err(_) => Err(DeliveryError::Unknown(format!(
             "write did not finish within {timeout:?}"
         ))),
     }
@@ -391,7 +533,7 @@ async fn run_qmp(
         }
         Err(e @ QmpError::Write(_)) => Err(DeliveryError::NotSent(e.to_string())),
         Err(e @ (QmpError::ClosedAfterSend | QmpError::Timeout(_))) => {
-            Err(DeliveryError::Lost(e.to_string()))
+            Err(DeliveryError::Unknown(e.to_string()))
         }
         Err(e) => Ok(Outcome::Error(e.to_string())),
     }
@@ -414,10 +556,10 @@ mod tests {
         for (greeting, kind) in [
             (
                 &b"QEMU 7.2.22 monitor - type 'help' for more information\r\n(qemu) "[..],
-                "HMP",
+                Kind::Hmp,
             ),
-            (b"hello admin\n", "raw"),
-            (b"", "raw"),
+            (b"hello admin\n", Kind::Raw),
+            (b"", Kind::Raw),
         ] {
             let path = dir.path().join(format!("s{}", greeting.len()));
             let l = tokio::net::UnixListener::bind(&path).unwrap();
@@ -427,8 +569,48 @@ mod tests {
                 s.write_all(&g).await.unwrap();
                 tokio::time::sleep(Duration::from_secs(5)).await;
             });
-            let m = Monitor::connect(&Endpoint::Unix(path)).await.unwrap();
+            let m = Monitor::connect(&Endpoint::Unix(path), None).await.unwrap();
             assert_eq!(m.kind(), kind);
+            assert_eq!(m.peer_pid(), Some(std::process::id()), "SO_PEERCRED");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_node_known_as_qmp_is_a_late_greeting_not_raw() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("silent");
+        let l = tokio::net::UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            // Accepts, as the kernel does for a busy QEMU monitor, and says nothing.
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+        let ep = Endpoint::Unix(path);
+        let started = tokio::time::Instant::now();
+        let err = Monitor::connect(&ep, Some(Kind::Qmp)).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                MonitorError::GreetingLate {
+                    kind: Kind::Qmp,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            started.elapsed() >= CONNECT_TIMEOUT,
+            "waited the whole bound"
+        );
+        let m = Monitor::connect(&ep, None).await.unwrap();
+        assert_eq!(
+            m.kind(),
+            Kind::Raw,
+            "unknown nodes that stay silent are raw"
+        );
+        let m = Monitor::connect(&ep, Some(Kind::Raw)).await.unwrap();
+        assert_eq!(m.kind(), Kind::Raw);
     }
 }

@@ -4,9 +4,13 @@
 //! command, ends the stream on an event it does not know, and has no timeouts (see
 //! `notes/qmp.md`). Here every call has a timeout that removes its pending entry, late replies
 //! are dropped, events stay raw JSON, and the connection's end is a token callers can watch.
+//!
+//! QEMU serves one client per monitor, so a connection whose state is in doubt (a command
+//! timed out) must really be closed before a new one can be greeted. [`QmpClient::close`] does
+//! that whoever else still holds the client: it drops both halves of the socket at once.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -49,7 +53,8 @@ pub struct QmpEvent {
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Value>>>>;
-type Writer = tokio::sync::Mutex<Box<dyn AsyncWrite + Send + Unpin>>;
+/// The write half; `None` once [`QmpClient::close`] dropped it.
+type Writer = tokio::sync::Mutex<Option<Box<dyn AsyncWrite + Send + Unpin>>>;
 
 /// A connected, negotiated QMP session.
 pub struct QmpClient {
@@ -57,7 +62,12 @@ pub struct QmpClient {
     pending: Pending,
     next_id: AtomicU64,
     events: broadcast::Sender<QmpEvent>,
+    /// Cancelled when the connection ends, by EOF or by [`QmpClient::close`].
     closed: CancellationToken,
+    /// Cancelled once the reader task has dropped the read half.
+    reader_gone: CancellationToken,
+    /// Whether awd ended the connection (rather than QEMU).
+    closed_by_us: AtomicBool,
     /// The greeting's `QMP.version.qemu`, e.g. "7.2.22".
     pub version: String,
 }
@@ -160,20 +170,47 @@ impl QmpClient {
         let pending: Pending = Arc::default();
         let (events, _) = broadcast::channel(64);
         let closed = CancellationToken::new();
+        let reader_gone = CancellationToken::new();
         tokio::spawn(read_loop(
             reader,
             pending.clone(),
             events.clone(),
             closed.clone(),
+            reader_gone.clone(),
         ));
         Ok(QmpClient {
-            writer: tokio::sync::Mutex::new(writer),
+            writer: tokio::sync::Mutex::new(Some(writer)),
             pending,
             next_id: AtomicU64::new(1),
             events,
             closed,
+            reader_gone,
+            closed_by_us: AtomicBool::new(false),
             version,
         })
+    }
+
+    /// Closes the connection now, whoever else holds this client: the reader task ends and
+    /// drops the read half, the write half is dropped here, so the socket is closed when this
+    /// returns and QEMU can greet the next client. Pending and later commands fail, the
+    /// [`closed`](Self::closed) token is cancelled, and event subscribers see the end.
+    pub async fn close(&self) {
+        self.closed_by_us.store(true, Ordering::Relaxed);
+        self.closed.cancel();
+        // A write in progress holds the lock for at most its own timeout.
+        let writer = self.writer.lock().await.take();
+        drop(writer);
+        self.reader_gone.cancelled().await;
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// Whether the connection ended without awd closing it (EOF or a read error: QEMU closed
+    /// it, exited or was killed).
+    pub fn ended_by_peer(&self) -> bool {
+        self.closed.is_cancelled() && !self.closed_by_us.load(Ordering::Relaxed)
     }
 
     /// A token cancelled when the connection ends.
@@ -216,18 +253,24 @@ impl QmpClient {
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, tx);
         let written = {
-            let mut w = self.writer.lock().await;
-            match tokio::time::timeout(timeout, async {
-                w.write_all(msg).await?;
-                w.flush().await
-            })
-            .await
-            {
-                Ok(r) => r,
-                Err(_) => Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "write timed out",
+            let mut guard = self.writer.lock().await;
+            match guard.as_mut() {
+                None => Err(std::io::Error::new(
+                    std::io::ErrorKind::NotConnected,
+                    "the connection was closed",
                 )),
+                Some(w) => match tokio::time::timeout(timeout, async {
+                    w.write_all(msg).await?;
+                    w.flush().await
+                })
+                .await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "write timed out",
+                    )),
+                },
             }
         };
         if let Err(e) = written {
@@ -256,6 +299,7 @@ async fn read_loop<R: AsyncBufRead + Unpin>(
     pending: Pending,
     events: broadcast::Sender<QmpEvent>,
     closed: CancellationToken,
+    reader_gone: CancellationToken,
 ) {
     loop {
         let line = tokio::select! {
@@ -292,7 +336,9 @@ async fn read_loop<R: AsyncBufRead + Unpin>(
             }
         }
     }
+    drop(reader);
     closed.cancel();
+    reader_gone.cancel();
     // Dropping the senders tells every waiting caller the connection is gone.
     pending.lock().unwrap_or_else(|e| e.into_inner()).clear();
 }
@@ -408,5 +454,36 @@ mod tests {
         let r = c.execute(qapi::qmp::quit {}, Duration::from_secs(5)).await;
         assert!(matches!(r, Err(QmpError::ClosedAfterSend)), "{r:?}");
         c.closed().cancelled().await;
+        assert!(c.ended_by_peer());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn close_shuts_the_socket_while_other_holders_remain() {
+        let (saw_eof_tx, saw_eof) = oneshot::channel();
+        let c = Arc::new(
+            client_with(|mut s| async move {
+                let _ = read_request(&mut s).await;
+                s.write_all(b"{\"return\": {}}\r\n").await.unwrap();
+                let _ = read_request(&mut s).await; // system_reset: never answered
+                let mut rest = Vec::new();
+                let n = s.read_to_end(&mut rest).await.unwrap();
+                let _ = saw_eof_tx.send(n);
+            })
+            .await,
+        );
+        // Another holder, as the VM-state tracker is.
+        let other = c.clone();
+        let r = c
+            .execute(qapi::qmp::system_reset {}, Duration::from_secs(5))
+            .await;
+        assert!(matches!(r, Err(QmpError::Timeout(_))), "{r:?}");
+        c.close().await;
+        assert_eq!(saw_eof.await.unwrap(), 0, "the peer sees EOF at once");
+        assert!(other.closed().is_cancelled());
+        assert!(!other.ended_by_peer(), "awd closed it");
+        let r = other
+            .execute(qapi::qmp::quit {}, Duration::from_secs(5))
+            .await;
+        assert!(matches!(r, Err(QmpError::Write(_))), "{r:?}");
     }
 }

@@ -619,6 +619,7 @@ impl Daemon {
         for id in stale {
             if let Some(r) = st.runners.remove(&id) {
                 r.token.cancel();
+                self.inner.metrics.remove_node(&id);
             }
         }
         for (id, chardev) in wanted_nodes {
@@ -626,6 +627,7 @@ impl Daemon {
                 continue;
             }
             let (mut runner, handle) = Runner::new(chardev.clone());
+            runner = runner.with_backlog_gauge(self.inner.metrics.node_backlog(&id));
             if let Some(tx) = &self.inner.reports {
                 runner = runner.with_reports(tx.clone());
             }

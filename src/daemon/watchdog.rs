@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, trace, warn};
 
 use crate::action::script::Script;
-use crate::action::{Job, RunnerHandle};
+use crate::action::{Job, RunnerHandle, VmState};
 use crate::config::{EscalationStep, Role, WatchdogConfig};
 use crate::engine::{
     Change, EngineSnapshot, Event, GlobalStatus, Outcome, Scope, Setter, VM_RUNNING, WatchdogEngine,
@@ -92,9 +92,14 @@ pub struct WatchdogStatus {
     pub last_input_ms_ago: Option<u64>,
     /// Transitions to EXPIRED.
     pub expiries: u64,
-    /// Script lines the peer accepted.
+    /// Script lines the monitor answered.
     pub actions_sent: u64,
-    /// Script lines that failed.
+    /// Script lines written to a raw node (no answer possible).
+    pub actions_written: u64,
+    /// Script lines written to a monitor that never answered (timeout, EOF): QEMU may or may
+    /// not have run them.
+    pub actions_unknown: u64,
+    /// Script lines that could not be sent.
     pub actions_failed: u64,
     /// Pulses and replies sent.
     pub pulses_sent: u64,
@@ -103,6 +108,9 @@ pub struct WatchdogStatus {
     pub last_pulse_rtt_us: Option<u64>,
     /// The VM's run state as its QMP monitor reports it, if awd follows one.
     pub vm_running: Option<bool>,
+    /// How many times awd saw the VM start over (reset, reboot, new QEMU), if it follows a
+    /// monitor.
+    pub vm_starts: Option<u64>,
     /// While escalating: how many steps have run and when the next one is due.
     pub escalation: Option<EscalationStatus>,
     /// The engine's view: global status, conditions, every supervision.
@@ -127,7 +135,7 @@ pub struct Links {
     /// Where its scripts go.
     pub runner: Option<RunnerHandle>,
     /// The VM's run state (`None` while unknown), from the notification node's QMP events.
-    pub vm: Option<watch::Receiver<Option<bool>>>,
+    pub vm: Option<watch::Receiver<VmState>>,
 }
 
 /// Everything a watchdog task needs.
@@ -336,7 +344,7 @@ impl WatchdogTask {
         let Some(vm) = self.links.vm.as_mut() else {
             return;
         };
-        let state = *vm.borrow_and_update();
+        let state = vm.borrow_and_update().running;
         if let Some(running) = state {
             self.vm_state(running);
         }
@@ -452,10 +460,13 @@ impl WatchdogTask {
             last_input_ms_ago: (last != 0).then(|| wall.saturating_sub(last)),
             expiries: self.metrics.expiries.get(),
             actions_sent: self.metrics.actions_sent.get(),
+            actions_written: self.metrics.actions_written.get(),
+            actions_unknown: self.metrics.actions_unknown.get(),
             actions_failed: self.metrics.actions_failed.get(),
             pulses_sent: self.metrics.pulses.get(),
             last_pulse_rtt_us: self.last_rtt.map(|d| d.as_micros() as u64),
-            vm_running: self.links.vm.as_ref().and_then(|v| *v.borrow()),
+            vm_running: self.links.vm.as_ref().and_then(|v| v.borrow().running),
+            vm_starts: self.links.vm.as_ref().map(|v| v.borrow().starts),
             escalation: self.escalating.map(|(_, run)| EscalationStatus {
                 steps_run: run + 1,
                 steps_total: self.escalation.len() + 1,
@@ -743,7 +754,7 @@ mod tests {
     struct Harness {
         events: mpsc::Sender<ChannelEvent>,
         control: mpsc::Sender<Control>,
-        vm: watch::Sender<Option<bool>>,
+        vm: watch::Sender<VmState>,
         jobs: mpsc::Receiver<Job>,
         metrics: Arc<WatchdogMetrics>,
         shutdown: CancellationToken,
@@ -782,7 +793,7 @@ mod tests {
         edit(&mut cfg);
         let (events, rx) = mpsc::channel(16);
         let (control, ctl_rx) = mpsc::channel(4);
-        let (vm, vm_rx) = watch::channel(None);
+        let (vm, vm_rx) = watch::channel(VmState::default());
         let metrics = Metrics::new().watchdog("w", "n");
         let (handle, jobs) = RunnerHandle::for_tests();
         let shutdown = CancellationToken::new();
@@ -1209,15 +1220,15 @@ mod tests {
             c.engine.plain.conditions = vec![VM_RUNNING.into()];
         });
         settle().await;
-        h.vm.send(Some(true)).unwrap();
+        h.vm.send_modify(|s| s.running = Some(true));
         settle().await;
         advance(1500).await;
-        h.vm.send(Some(false)).unwrap(); // QMP STOP
+        h.vm.send_modify(|s| s.running = Some(false)); // QMP STOP
         settle().await;
         advance(60_000).await;
         assert!(scripts_run(&mut h).is_empty(), "no fire while paused");
         assert_eq!(status(&h).await.engine.status, GlobalStatus::Deactivated);
-        h.vm.send(Some(true)).unwrap(); // QMP RESUME: a full timeout from now
+        h.vm.send_modify(|s| s.running = Some(true)); // QMP RESUME: a full timeout from now
         settle().await;
         advance(1999).await;
         assert!(scripts_run(&mut h).is_empty());
