@@ -157,6 +157,9 @@ pub struct WatchdogTask {
     escalating: Option<(Instant, usize)>,
     pulses: Option<Interval>,
     vm_open: bool,
+    /// The run state and start count last applied from `links.vm`: a start count that grows
+    /// is the VM starting over; an unchanged run state is not applied again.
+    vm_seen: VmState,
     pulse: Bytes,
     reply: Bytes,
     /// When each connection's unanswered pulses were sent, oldest first.
@@ -233,6 +236,10 @@ impl WatchdogTask {
             .expect("Config::build validated the engine spec");
         metrics.set_status(engine.status());
         let vm_open = links.vm.is_some();
+        let vm_seen = VmState {
+            running: None,
+            starts: links.vm.as_ref().map_or(0, |v| v.borrow().starts),
+        };
         WatchdogTask {
             id: cfg.id.as_str().into(),
             channel: cfg.awd_node.clone(),
@@ -254,6 +261,7 @@ impl WatchdogTask {
             escalating: None,
             pulses: None,
             vm_open,
+            vm_seen,
             pulse: Bytes::from(frame(PULSE.as_bytes())),
             reply: Bytes::from(frame(PULSE_REPLY.as_bytes())),
             pulses_out: BTreeMap::new(),
@@ -344,9 +352,16 @@ impl WatchdogTask {
         let Some(vm) = self.links.vm.as_mut() else {
             return;
         };
-        let state = vm.borrow_and_update().running;
-        if let Some(running) = state {
-            self.vm_state(running);
+        let VmState { running, starts } = *vm.borrow_and_update();
+        if starts > self.vm_seen.starts {
+            self.vm_seen.starts = starts;
+            self.start_over("the QMP monitor saw a reset, a reboot or a new QEMU");
+        }
+        if running.is_some() && running != self.vm_seen.running {
+            self.vm_seen.running = running;
+            if let Some(running) = running {
+                self.vm_state(running);
+            }
         }
     }
 
@@ -377,6 +392,12 @@ impl WatchdogTask {
         self.stopped_script = Arc::new(cfg.stopped_script.clone());
         self.escalating = None;
         self.vm_open = links.vm.is_some();
+        // A new engine (and perhaps a new node): apply the run state again, and count starts
+        // from what the node has seen so far.
+        self.vm_seen = VmState {
+            running: None,
+            starts: links.vm.as_ref().map_or(0, |v| v.borrow().starts),
+        };
         self.links = links;
         // The new engine starts with vm-running true; tell it what the VM is doing now.
         if let Some(vm) = self.links.vm.as_mut() {
@@ -980,6 +1001,32 @@ mod tests {
         advance(1).await;
         assert_eq!(scripts_run(&mut h), ["system_reset"]);
         assert_eq!(h.metrics.expiries.get(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_start_counted_by_the_qmp_monitor_restarts_the_grace() {
+        let mut h = start_with(1000, Some(30_000), Role::Server, None, |c| {
+            c.escalation = vec![EscalationStep {
+                after: Duration::from_secs(4),
+                script: Script::parse("system_powerdown", "t").unwrap(),
+            }];
+        });
+        settle().await;
+        h.vm.send_modify(|s| s.running = Some(true));
+        settle().await;
+        advance(100).await;
+        beat(&h).await;
+        advance(1000).await;
+        assert_eq!(scripts_run(&mut h), ["quit"]);
+        // RESET, or a new QEMU: the runner counts a start; the same state again is no start.
+        h.vm.send_modify(|s| s.starts += 1);
+        settle().await;
+        h.vm.send_modify(|_| {});
+        settle().await;
+        advance(29_999).await;
+        assert!(scripts_run(&mut h).is_empty(), "grace, and no escalation");
+        advance(1).await;
+        assert_eq!(scripts_run(&mut h), ["quit"], "silent after its grace");
     }
 
     #[tokio::test(start_paused = true)]
