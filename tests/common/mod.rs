@@ -195,6 +195,8 @@ pub struct QemuOpts {
     pub memfd: bool,
     /// Boot the guest kernel (false: `-machine none`, for a QEMU that is only a QMP target).
     pub kernel: bool,
+    /// More kernel command-line words (e.g. `awd_delay=5`: the agent starts 5 s after boot).
+    pub append: String,
 }
 
 impl QemuOpts {
@@ -207,6 +209,7 @@ impl QemuOpts {
             memory: "256M",
             memfd: false,
             kernel: true,
+            append: String::new(),
         }
     }
 }
@@ -254,6 +257,10 @@ impl Qemu {
             let mut append = "console=ttyS0 quiet panic=-1".to_string();
             if let Some(a) = &opts.agent {
                 append.push_str(&format!(" awd_agent={}", a.join(",")));
+            }
+            if !opts.append.is_empty() {
+                append.push(' ');
+                append.push_str(&opts.append);
             }
             cmd.arg("-kernel")
                 .arg(g.join("vmlinuz"))
