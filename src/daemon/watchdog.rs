@@ -668,6 +668,7 @@ mod tests {
             },
             escalation: Vec::new(),
             stopped_script: Script::default(),
+            follow_vm: false,
         };
         edit(&mut cfg);
         let (events, rx) = mpsc::channel(16);
