@@ -42,6 +42,24 @@ pub struct RejectLabels {
     pub reason: String,
 }
 
+/// Labels of refused- and evicted-connection series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    /// The watchdog id.
+    pub watchdog: String,
+    /// The awd_node chardev id.
+    pub channel: String,
+    /// Why awd closed the connection.
+    pub reason: String,
+}
+
+/// Why a server channel refused a connection (the `reason` label).
+pub const REFUSE_REASONS: [&str; 1] = ["not_allowed"];
+/// Why a server channel evicted a connection to admit a new one (the `reason` label):
+/// it had never sent anything, it had been silent longer than the watchdog's timeout, or it
+/// was only the one silent for longest.
+pub const EVICT_REASONS: [&str; 3] = ["never_spoke", "stale", "silent"];
+
 /// Labels of action series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ActionLabels {
@@ -63,6 +81,8 @@ pub struct Metrics {
     connections: Family<WatchdogLabels, Gauge>,
     pulses: Family<WatchdogLabels, Counter>,
     pulse_rtt: Family<WatchdogLabels, Histogram>,
+    refused: Family<ConnectionLabels, Counter>,
+    evicted: Family<ConnectionLabels, Counter>,
     live: Arc<LiveWatchdogs>,
     vsock: Arc<VsockDevices>,
 }
@@ -247,6 +267,8 @@ impl Metrics {
             connections: Family::default(),
             pulses: Family::default(),
             pulse_rtt: Family::new_with_constructor(pulse_rtt_histogram),
+            refused: Family::default(),
+            evicted: Family::default(),
             live: Arc::default(),
             vsock: Arc::default(),
         };
@@ -286,6 +308,16 @@ impl Metrics {
             "Round trip from an AWD pulse sent to its reply received, per watchdog (server role)",
             m.pulse_rtt.clone(),
         );
+        registry.register(
+            "connections_refused",
+            "Connections a server channel closed at once, by reason (not_allowed: outside peers=)",
+            m.refused.clone(),
+        );
+        registry.register(
+            "connections_evicted",
+            "Connections a full server channel closed to admit a new one, by reason",
+            m.evicted.clone(),
+        );
         registry.register_collector(Box::new(m.live.clone()));
         registry.register_collector(Box::new(m.vsock.clone()));
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
@@ -315,7 +347,18 @@ impl Metrics {
                 })
                 .clone()
         };
+        let conn = |family: &Family<ConnectionLabels, Counter>, reason: &str| {
+            family
+                .get_or_create(&ConnectionLabels {
+                    watchdog: watchdog.into(),
+                    channel: channel.into(),
+                    reason: reason.into(),
+                })
+                .clone()
+        };
         let wm = Arc::new(WatchdogMetrics {
+            refused: REFUSE_REASONS.map(|r| conn(&self.refused, r)),
+            evicted: EVICT_REASONS.map(|r| conn(&self.evicted, r)),
             heartbeats: self.heartbeats.get_or_create(&l).clone(),
             rejected,
             expiries: self.expiries.get_or_create(&l).clone(),
@@ -355,6 +398,18 @@ impl Metrics {
                 channel: channel.into(),
                 reason: r.as_str().into(),
             });
+        }
+        for (family, reasons) in [
+            (&self.refused, &REFUSE_REASONS[..]),
+            (&self.evicted, &EVICT_REASONS[..]),
+        ] {
+            for r in reasons {
+                family.remove(&ConnectionLabels {
+                    watchdog: watchdog.into(),
+                    channel: channel.into(),
+                    reason: (*r).into(),
+                });
+            }
         }
         for result in ["sent", "failed"] {
             self.actions.remove(&ActionLabels {
@@ -404,6 +459,10 @@ impl Metrics {
 /// One watchdog's counters.
 #[derive(Debug)]
 pub struct WatchdogMetrics {
+    /// Connections refused, indexed like [`REFUSE_REASONS`].
+    pub refused: [Counter; 1],
+    /// Connections evicted, indexed like [`EVICT_REASONS`].
+    pub evicted: [Counter; 3],
     /// Messages received.
     pub heartbeats: Counter,
     /// Rejected inputs, indexed like [`Rejection::ALL`].
@@ -545,6 +604,8 @@ mod tests {
         w.heard(3);
         w.reject(Rejection::InvalidUtf8);
         w.pulse_rtt.observe(0.0003);
+        w.refused[0].inc();
+        w.evicted[0].inc_by(2);
         let text = m.encode();
         for needle in [
             "awd_heartbeats_total{watchdog=\"vm1\",channel=\"hb\"} 3",
@@ -553,6 +614,9 @@ mod tests {
             "awd_status{watchdog=\"vm1\",channel=\"hb\"} 0",
             "awd_pulse_rtt_seconds_bucket{le=\"0.0005\",watchdog=\"vm1\",channel=\"hb\"} 1",
             "awd_pulse_rtt_seconds_count{watchdog=\"vm1\",channel=\"hb\"} 1",
+            "awd_connections_refused_total{watchdog=\"vm1\",channel=\"hb\",reason=\"not_allowed\"} 1",
+            "awd_connections_evicted_total{watchdog=\"vm1\",channel=\"hb\",reason=\"never_spoke\"} 2",
+            "awd_connections_evicted_total{watchdog=\"vm1\",channel=\"hb\",reason=\"silent\"} 0",
             "# EOF",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
