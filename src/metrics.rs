@@ -537,21 +537,56 @@ pub async fn bind_http(addr: &str) -> Result<tokio::net::TcpListener, HttpError>
         })
 }
 
-/// Serves `GET /metrics` (OpenMetrics text) until `shutdown`; anything else is 404.
+/// Bounds on the metrics endpoint's clients: whoever can reach the port must not hold awd's
+/// file descriptors or tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// A client must send a request's headers within this long after connecting (or after its
+    /// previous response), else the connection is closed.
+    pub header_read_timeout: Duration,
+    /// The most connections served at once; a further one is closed at once.
+    pub max_connections: usize,
+}
+
+impl Default for HttpLimits {
+    /// 5 s for the headers (a scraper sends them at once), 16 connections (Prometheus keeps one
+    /// per target).
+    fn default() -> Self {
+        HttpLimits {
+            header_read_timeout: Duration::from_secs(5),
+            max_connections: 16,
+        }
+    }
+}
+
+/// Serves `GET /metrics` (OpenMetrics text) until `shutdown`, within [`HttpLimits::default`];
+/// anything else is 404.
 pub async fn serve_http(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    serve_http_with(listener, metrics, HttpLimits::default(), shutdown).await
+}
+
+/// [`serve_http`] with explicit limits.
+pub async fn serve_http_with(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    limits: HttpLimits,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     use http_body_util::Full;
     use hyper::body::Bytes;
     use hyper::{Response, StatusCode, header};
 
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let mut refusals = crate::transport::LogLimiter::new(5, Duration::from_secs(10));
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             a = listener.accept() => match a {
-                Ok((s, _)) => s,
+                Ok(s) => s,
                 Err(e) => {
                     tracing::warn!("metrics accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -559,9 +594,18 @@ pub async fn serve_http(
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            if let Some(suppressed) = refusals.allow(std::time::Instant::now()) {
+                tracing::warn!(%peer, suppressed, max_connections = limits.max_connections,
+                    "metrics: refusing a connection, too many open");
+            }
+            drop(stream);
+            continue;
+        };
         let metrics = metrics.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let metrics = metrics.clone();
@@ -584,6 +628,8 @@ pub async fn serve_http(
                     }
                 });
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             tokio::select! {
                 _ = conn => {}
@@ -626,5 +672,105 @@ mod tests {
             !m.encode().contains("vm1"),
             "removed watchdogs leave no series"
         );
+    }
+
+    async fn closed_within(s: &mut tokio::net::TcpStream, bound: Duration) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 256];
+        loop {
+            match tokio::time::timeout(bound, s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    async fn start(
+        limits: HttpLimits,
+    ) -> (std::net::SocketAddr, tokio_util::sync::CancellationToken) {
+        let l = bind_http("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(serve_http_with(
+            l,
+            Arc::new(Metrics::new()),
+            limits,
+            shutdown.clone(),
+        ));
+        (addr, shutdown)
+    }
+
+    async fn scrape(addr: std::net::SocketAddr) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await;
+        out
+    }
+
+    /// A client that connects and sends nothing, or only part of its headers, is closed once
+    /// the header timeout passes; before, it held its connection and task for ever.
+    #[tokio::test]
+    async fn a_client_that_never_finishes_its_headers_is_closed() {
+        use tokio::io::AsyncWriteExt;
+        let limits = HttpLimits {
+            header_read_timeout: Duration::from_millis(300),
+            max_connections: 4,
+        };
+        let (addr, shutdown) = start(limits).await;
+        let t0 = std::time::Instant::now();
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut partial = tokio::net::TcpStream::connect(addr).await.unwrap();
+        partial.write_all(b"GET /metr").await.unwrap();
+        assert!(
+            closed_within(&mut silent, Duration::from_secs(10)).await,
+            "silent client kept"
+        );
+        assert!(
+            closed_within(&mut partial, Duration::from_secs(10)).await,
+            "slow client kept"
+        );
+        assert!(
+            t0.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert!(
+            scrape(addr).await.contains("200 OK"),
+            "a real scrape still works"
+        );
+        shutdown.cancel();
+    }
+
+    /// Beyond `max_connections` a connection is closed at once; once the holders go, scrapes
+    /// are served again.
+    #[tokio::test]
+    async fn connections_beyond_the_limit_are_closed_at_once() {
+        let limits = HttpLimits {
+            header_read_timeout: Duration::from_secs(60),
+            max_connections: 2,
+        };
+        let (addr, shutdown) = start(limits).await;
+        let a = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let b = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(
+            closed_within(&mut c, Duration::from_secs(10)).await,
+            "the third is closed"
+        );
+        drop((a, b));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if scrape(addr).await.contains("200 OK") {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "slots never freed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        shutdown.cancel();
     }
 }

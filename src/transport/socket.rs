@@ -82,9 +82,24 @@ pub fn bind_unix(path: &Path) -> io::Result<(UnixListener, UnixPathGuard)> {
     Ok((UnixListener::from_std(l)?, guard))
 }
 
+impl UnixPathGuard {
+    /// Removes `path` when dropped.
+    pub fn new(path: PathBuf) -> UnixPathGuard {
+        UnixPathGuard(path)
+    }
+}
+
 /// [`bind_unix`] for code that runs on its own thread rather than on tokio (the vhost-user vsock
 /// device): the same stale-file handling, a blocking std listener.
 pub fn bind_unix_std(path: &Path) -> io::Result<(std::os::unix::net::UnixListener, UnixPathGuard)> {
+    clear_stale_socket(path)?;
+    let l = std::os::unix::net::UnixListener::bind(path)?;
+    Ok((l, UnixPathGuard(path.to_owned())))
+}
+
+/// Makes way for a socket at `path`: removes a stale socket file left by an earlier process
+/// (one nobody answers on). A live socket at the path is an error, as is any non-socket file.
+pub fn clear_stale_socket(path: &Path) -> io::Result<()> {
     use std::os::unix::fs::FileTypeExt;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
@@ -103,8 +118,7 @@ pub fn bind_unix_std(path: &Path) -> io::Result<(std::os::unix::net::UnixListene
             Err(_) => std::fs::remove_file(path)?,
         }
     }
-    let l = std::os::unix::net::UnixListener::bind(path)?;
-    Ok((l, UnixPathGuard(path.to_owned())))
+    Ok(())
 }
 
 /// Binds the listening socket of a server chardev. Called before anything runs, so a port in
