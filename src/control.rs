@@ -24,7 +24,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::transport::socket::{UnixPathGuard, bind_unix};
+use crate::transport::socket::{UnixPathGuard, clear_stale_socket};
 
 /// Where the control socket is unless `--control` says otherwise.
 pub const DEFAULT_PATH: &str = "/run/awd/control.sock";
@@ -150,23 +150,69 @@ pub struct ControlListener {
 
 /// Binds the control socket, creating its directory. Only the owner may connect (mode 0600):
 /// the socket can disable watchdogs.
+///
+/// The socket never exists at a looser mode, not even for a moment: it is bound inside a
+/// fresh private directory (mode 0700) next to `path`, set to 0600 there, and renamed into
+/// place. (`umask` around `bind` would do too, but it is process-wide, and other threads
+/// create files meanwhile.)
 pub fn bind(path: &Path) -> Result<ControlListener, ControlError> {
     use std::os::unix::fs::PermissionsExt;
     let err = |source| ControlError::Bind {
         path: path.display().to_string(),
         source,
     };
-    if let Some(dir) = path.parent()
-        && !dir.as_os_str().is_empty()
-    {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
-    let (listener, guard) = bind_unix(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir).map_err(err)?;
+    clear_stale_socket(path).map_err(err)?;
+    let private = private_dir(dir).map_err(err)?;
+    // Short names: a Unix socket path has at most 107 bytes.
+    let staged = private.0.join("s");
+    let bound = (|| {
+        let l = std::os::unix::net::UnixListener::bind(&staged)?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&staged, path)?;
+        l.set_nonblocking(true)?;
+        Ok(l)
+    })();
+    drop(private);
+    let l = bound.map_err(err)?;
+    let guard = UnixPathGuard::new(path.to_owned());
+    let listener = tokio::net::UnixListener::from_std(l).map_err(err)?;
     Ok(ControlListener {
         listener,
         _guard: guard,
     })
+}
+
+/// A directory only the owner can enter, removed (with what is left in it) when dropped.
+struct PrivateDir(PathBuf);
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Creates a fresh directory in `parent` that only the owner can enter.
+fn private_dir(parent: &Path) -> std::io::Result<PrivateDir> {
+    use std::os::unix::fs::DirBuilderExt;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    loop {
+        let name = format!(
+            ".awd.{}.{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let p = parent.join(name);
+        match std::fs::DirBuilder::new().mode(0o700).create(&p) {
+            Ok(()) => return Ok(PrivateDir(p)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Serves requests until `shutdown`.
@@ -351,6 +397,61 @@ mod tests {
             assert_eq!(serde_json::from_str::<Request>(wire).unwrap(), req);
         }
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"reboot"}"#).is_err());
+    }
+
+    /// The socket is never reachable at a looser mode than 0600: a watcher that stats the path
+    /// as fast as it can while the socket is bound over and over never sees another mode, and
+    /// nothing is left beside it.
+    #[test]
+    fn the_control_socket_is_created_with_mode_0600_from_the_start() {
+        use std::os::unix::fs::PermissionsExt;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/c.sock");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let watcher = {
+            let (path, stop) = (path.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut seen = std::collections::BTreeSet::new();
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(m) = std::fs::symlink_metadata(&path) {
+                        seen.insert(m.permissions().mode() & 0o777);
+                    }
+                }
+                seen
+            })
+        };
+        for _ in 0..300 {
+            let l = rt.block_on(async { bind(&path).unwrap() });
+            drop(l);
+        }
+        stop.store(true, Ordering::Relaxed);
+        let seen = watcher.join().unwrap();
+        assert!(
+            seen.iter().all(|m| *m == 0o600),
+            "modes seen at the path: {seen:?} (0o600 = 384)"
+        );
+        let l = rt.block_on(async { bind(&path).unwrap() });
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let left: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            left,
+            vec![std::ffi::OsString::from("c.sock")],
+            "no private directory left"
+        );
+        // A live socket at the path is not taken over.
+        let again = rt.block_on(async { bind(&path) });
+        assert!(again.is_err(), "a second daemon on a live socket");
+        drop(l);
+        assert!(!path.exists(), "removed when the listener is dropped");
     }
 
     struct Echo;

@@ -42,6 +42,24 @@ pub struct RejectLabels {
     pub reason: String,
 }
 
+/// Labels of refused- and evicted-connection series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    /// The watchdog id.
+    pub watchdog: String,
+    /// The awd_node chardev id.
+    pub channel: String,
+    /// Why awd closed the connection.
+    pub reason: String,
+}
+
+/// Why a server channel refused a connection (the `reason` label).
+pub const REFUSE_REASONS: [&str; 1] = ["not_allowed"];
+/// Why a server channel evicted a connection to admit a new one (the `reason` label):
+/// it had never sent anything, it had been silent longer than the watchdog's timeout, or it
+/// was only the one silent for longest.
+pub const EVICT_REASONS: [&str; 3] = ["never_spoke", "stale", "silent"];
+
 /// Labels of action series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ActionLabels {
@@ -76,8 +94,10 @@ pub struct Metrics {
     pulses: Family<WatchdogLabels, Counter>,
     pulse_rtt: Family<WatchdogLabels, Histogram>,
     input_bytes: Family<WatchdogLabels, Counter>,
-    refused: Family<WatchdogLabels, Counter>,
+    refused_inputs: Family<WatchdogLabels, Counter>,
     rate_limited: Family<WatchdogLabels, Counter>,
+    refused: Family<ConnectionLabels, Counter>,
+    evicted: Family<ConnectionLabels, Counter>,
     live: Arc<LiveWatchdogs>,
     vsock: Arc<VsockDevices>,
 }
@@ -264,8 +284,10 @@ impl Metrics {
             pulses: Family::default(),
             pulse_rtt: Family::new_with_constructor(pulse_rtt_histogram),
             input_bytes: Family::default(),
-            refused: Family::default(),
+            refused_inputs: Family::default(),
             rate_limited: Family::default(),
+            refused: Family::default(),
+            evicted: Family::default(),
             live: Arc::default(),
             vsock: Arc::default(),
         };
@@ -322,12 +344,22 @@ impl Metrics {
         registry.register(
             "refused_inputs",
             "Well-formed inputs the supervision refused (a timeout out of bounds, a condition the peer may not set)",
-            m.refused.clone(),
+            m.refused_inputs.clone(),
         );
         registry.register(
             "rate_limited_inputs",
             "Reads over the channel's rate_limit: proof of life, but not parsed",
             m.rate_limited.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections a server channel closed at once, by reason (not_allowed: outside peers=)",
+            m.refused.clone(),
+        );
+        registry.register(
+            "connections_evicted",
+            "Connections a full server channel closed to admit a new one, by reason",
+            m.evicted.clone(),
         );
         registry.register_collector(Box::new(m.live.clone()));
         registry.register_collector(Box::new(m.vsock.clone()));
@@ -358,7 +390,18 @@ impl Metrics {
                 })
                 .clone()
         };
+        let conn = |family: &Family<ConnectionLabels, Counter>, reason: &str| {
+            family
+                .get_or_create(&ConnectionLabels {
+                    watchdog: watchdog.into(),
+                    channel: channel.into(),
+                    reason: reason.into(),
+                })
+                .clone()
+        };
         let wm = Arc::new(WatchdogMetrics {
+            refused: REFUSE_REASONS.map(|r| conn(&self.refused, r)),
+            evicted: EVICT_REASONS.map(|r| conn(&self.evicted, r)),
             heartbeats: self.heartbeats.get_or_create(&l).clone(),
             rejected,
             expiries: self.expiries.get_or_create(&l).clone(),
@@ -371,7 +414,7 @@ impl Metrics {
             pulses: self.pulses.get_or_create(&l).clone(),
             pulse_rtt: self.pulse_rtt.get_or_create(&l).clone(),
             input_bytes: self.input_bytes.get_or_create(&l).clone(),
-            refused: self.refused.get_or_create(&l).clone(),
+            refused_inputs: self.refused_inputs.get_or_create(&l).clone(),
             rate_limited: self.rate_limited.get_or_create(&l).clone(),
             last_heartbeat_ms: AtomicU64::new(0),
             started_ms: unix_ms(),
@@ -395,7 +438,7 @@ impl Metrics {
             &self.expiries,
             &self.pulses,
             &self.input_bytes,
-            &self.refused,
+            &self.refused_inputs,
             &self.rate_limited,
         ] {
             f.remove(&l);
@@ -410,6 +453,18 @@ impl Metrics {
                 channel: channel.into(),
                 reason: r.as_str().into(),
             });
+        }
+        for (family, reasons) in [
+            (&self.refused, &REFUSE_REASONS[..]),
+            (&self.evicted, &EVICT_REASONS[..]),
+        ] {
+            for r in reasons {
+                family.remove(&ConnectionLabels {
+                    watchdog: watchdog.into(),
+                    channel: channel.into(),
+                    reason: (*r).into(),
+                });
+            }
         }
         for result in ACTION_RESULTS {
             self.actions.remove(&ActionLabels {
@@ -472,6 +527,10 @@ impl Metrics {
 /// One watchdog's counters.
 #[derive(Debug)]
 pub struct WatchdogMetrics {
+    /// Connections refused, indexed like [`REFUSE_REASONS`].
+    pub refused: [Counter; 1],
+    /// Connections evicted, indexed like [`EVICT_REASONS`].
+    pub evicted: [Counter; 3],
     /// Messages received.
     pub heartbeats: Counter,
     /// Rejected inputs, indexed like [`Rejection::ALL`].
@@ -498,7 +557,7 @@ pub struct WatchdogMetrics {
     /// Bytes read from the channel.
     pub input_bytes: Counter,
     /// Well-formed inputs the engine refused.
-    pub refused: Counter,
+    pub refused_inputs: Counter,
     /// Reads beyond the channel's rate limit, taken as proof of life without being parsed.
     pub rate_limited: Counter,
     /// Wall-clock time of the last heartbeat, ms since the Unix epoch (0: never).
@@ -557,21 +616,56 @@ pub async fn bind_http(addr: &str) -> Result<tokio::net::TcpListener, HttpError>
         })
 }
 
-/// Serves `GET /metrics` (OpenMetrics text) until `shutdown`; anything else is 404.
+/// Bounds on the metrics endpoint's clients: whoever can reach the port must not hold awd's
+/// file descriptors or tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// A client must send a request's headers within this long after connecting (or after its
+    /// previous response), else the connection is closed.
+    pub header_read_timeout: Duration,
+    /// The most connections served at once; a further one is closed at once.
+    pub max_connections: usize,
+}
+
+impl Default for HttpLimits {
+    /// 5 s for the headers (a scraper sends them at once), 16 connections (Prometheus keeps one
+    /// per target).
+    fn default() -> Self {
+        HttpLimits {
+            header_read_timeout: Duration::from_secs(5),
+            max_connections: 16,
+        }
+    }
+}
+
+/// Serves `GET /metrics` (OpenMetrics text) until `shutdown`, within [`HttpLimits::default`];
+/// anything else is 404.
 pub async fn serve_http(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    serve_http_with(listener, metrics, HttpLimits::default(), shutdown).await
+}
+
+/// [`serve_http`] with explicit limits.
+pub async fn serve_http_with(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    limits: HttpLimits,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     use http_body_util::Full;
     use hyper::body::Bytes;
     use hyper::{Response, StatusCode, header};
 
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let mut refusals = crate::transport::LogLimiter::new(5, Duration::from_secs(10));
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             a = listener.accept() => match a {
-                Ok((s, _)) => s,
+                Ok(s) => s,
                 Err(e) => {
                     tracing::warn!("metrics accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -579,9 +673,18 @@ pub async fn serve_http(
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            if let Some(suppressed) = refusals.allow(std::time::Instant::now()) {
+                tracing::warn!(%peer, suppressed, max_connections = limits.max_connections,
+                    "metrics: refusing a connection, too many open");
+            }
+            drop(stream);
+            continue;
+        };
         let metrics = metrics.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let metrics = metrics.clone();
@@ -604,6 +707,8 @@ pub async fn serve_http(
                     }
                 });
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             tokio::select! {
                 _ = conn => {}
@@ -624,6 +729,8 @@ mod tests {
         w.heard(3);
         w.reject(Rejection::InvalidUtf8);
         w.pulse_rtt.observe(0.0003);
+        w.refused[0].inc();
+        w.evicted[0].inc_by(2);
         let text = m.encode();
         for needle in [
             "awd_heartbeats_total{watchdog=\"vm1\",channel=\"hb\"} 3",
@@ -632,6 +739,9 @@ mod tests {
             "awd_status{watchdog=\"vm1\",channel=\"hb\"} 0",
             "awd_pulse_rtt_seconds_bucket{le=\"0.0005\",watchdog=\"vm1\",channel=\"hb\"} 1",
             "awd_pulse_rtt_seconds_count{watchdog=\"vm1\",channel=\"hb\"} 1",
+            "awd_connections_refused_total{watchdog=\"vm1\",channel=\"hb\",reason=\"not_allowed\"} 1",
+            "awd_connections_evicted_total{watchdog=\"vm1\",channel=\"hb\",reason=\"never_spoke\"} 2",
+            "awd_connections_evicted_total{watchdog=\"vm1\",channel=\"hb\",reason=\"silent\"} 0",
             "# EOF",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");
@@ -641,5 +751,105 @@ mod tests {
             !m.encode().contains("vm1"),
             "removed watchdogs leave no series"
         );
+    }
+
+    async fn closed_within(s: &mut tokio::net::TcpStream, bound: Duration) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 256];
+        loop {
+            match tokio::time::timeout(bound, s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    async fn start(
+        limits: HttpLimits,
+    ) -> (std::net::SocketAddr, tokio_util::sync::CancellationToken) {
+        let l = bind_http("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(serve_http_with(
+            l,
+            Arc::new(Metrics::new()),
+            limits,
+            shutdown.clone(),
+        ));
+        (addr, shutdown)
+    }
+
+    async fn scrape(addr: std::net::SocketAddr) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await;
+        out
+    }
+
+    /// A client that connects and sends nothing, or only part of its headers, is closed once
+    /// the header timeout passes; before, it held its connection and task for ever.
+    #[tokio::test]
+    async fn a_client_that_never_finishes_its_headers_is_closed() {
+        use tokio::io::AsyncWriteExt;
+        let limits = HttpLimits {
+            header_read_timeout: Duration::from_millis(300),
+            max_connections: 4,
+        };
+        let (addr, shutdown) = start(limits).await;
+        let t0 = std::time::Instant::now();
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut partial = tokio::net::TcpStream::connect(addr).await.unwrap();
+        partial.write_all(b"GET /metr").await.unwrap();
+        assert!(
+            closed_within(&mut silent, Duration::from_secs(10)).await,
+            "silent client kept"
+        );
+        assert!(
+            closed_within(&mut partial, Duration::from_secs(10)).await,
+            "slow client kept"
+        );
+        assert!(
+            t0.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert!(
+            scrape(addr).await.contains("200 OK"),
+            "a real scrape still works"
+        );
+        shutdown.cancel();
+    }
+
+    /// Beyond `max_connections` a connection is closed at once; once the holders go, scrapes
+    /// are served again.
+    #[tokio::test]
+    async fn connections_beyond_the_limit_are_closed_at_once() {
+        let limits = HttpLimits {
+            header_read_timeout: Duration::from_secs(60),
+            max_connections: 2,
+        };
+        let (addr, shutdown) = start(limits).await;
+        let a = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let b = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(
+            closed_within(&mut c, Duration::from_secs(10)).await,
+            "the third is closed"
+        );
+        drop((a, b));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if scrape(addr).await.contains("200 OK") {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "slots never freed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        shutdown.cancel();
     }
 }

@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 
 const SYSTEM_RESET: &str = r#"req: {"execute": "system_reset""#;
@@ -79,8 +77,9 @@ fn after_its_own_reset_a_rebooting_guest_is_not_escalated() {
     let run = dir.path();
     let mut awd = start_awd(run);
     let mut vm = start_vm(run, "vm1");
-    vm.console
-        .wait("the agent to connect", BOOT, |l| l.contains("awd-agent: connected"));
+    vm.console.wait("the agent to connect", BOOT, |l| {
+        l.contains("awd-agent: connected")
+    });
     vm.run("sleep 4", SHORT);
     assert_eq!(expiries(&awd, "vm1"), 0, "no expiry while the agent runs");
     vm.run("killall awd-agent", SHORT);
@@ -100,7 +99,8 @@ fn after_its_own_reset_a_rebooting_guest_is_not_escalated() {
     vm.run("sleep 4", SHORT);
     assert_eq!(count(&vm, SYSTEM_RESET), 1);
     vm.run("killall awd-agent", SHORT);
-    vm.trace.wait("a second system_reset", SHORT, |l| l.contains(SYSTEM_RESET));
+    vm.trace
+        .wait("a second system_reset", SHORT, |l| l.contains(SYSTEM_RESET));
     assert_eq!(count(&vm, QUIT), 0);
 }
 
@@ -113,8 +113,9 @@ fn a_new_qemu_on_the_same_sockets_does_not_inherit_the_old_timer() {
     let run = dir.path();
     let mut awd = start_awd(run);
     let mut old = start_vm(run, "old");
-    old.console
-        .wait("the agent to connect", BOOT, |l| l.contains("awd-agent: connected"));
+    old.console.wait("the agent to connect", BOOT, |l| {
+        l.contains("awd-agent: connected")
+    });
     vm_beats_for_a_while(&mut old);
     old.kill();
     let mut vm = start_vm(run, "new");
@@ -126,14 +127,19 @@ fn a_new_qemu_on_the_same_sockets_does_not_inherit_the_old_timer() {
                 .as_str()
                 .is_some_and(|r| r.contains("QMP monitor"))
     });
-    vm.console
-        .wait("the new guest's agent", BOOT, |l| l.contains("awd-agent: connected"));
+    vm.console.wait("the new guest's agent", BOOT, |l| {
+        l.contains("awd-agent: connected")
+    });
     assert_eq!(
         count(&vm, SYSTEM_RESET),
         0,
         "no action on a VM that is booting"
     );
-    assert_eq!(expiries(&awd, "vm1"), 0, "the old QEMU's silence did not fire");
+    assert_eq!(
+        expiries(&awd, "vm1"),
+        0,
+        "the old QEMU's silence did not fire"
+    );
     vm_beats_for_a_while(&mut vm);
     vm.run("killall awd-agent", SHORT);
     vm.wait_trace(SYSTEM_RESET, SHORT);

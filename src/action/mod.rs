@@ -552,6 +552,10 @@ mod tests {
             server: false,
             reconnect: Duration::from_secs(1),
             nodelay: false,
+            max_connections: crate::config::DEFAULT_MAX_CONNECTIONS as usize,
+            peers: Vec::new(),
+            tcp_user_timeout: None,
+            rate_limit: None,
         });
         let (tx, reports) = mpsc::unbounded_channel();
         let stop = CancellationToken::new();

@@ -5,6 +5,7 @@
 //! together and resolves them into [`Config`], which is all the daemon ever sees. `awd check`
 //! and `awd run` go through the same function, so a config that checks is a config that runs.
 
+pub mod cidr;
 pub mod file;
 pub mod seed;
 pub mod supervision;
@@ -17,7 +18,16 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::action::script::{Script, ScriptError};
-use crate::engine::EngineSpec;
+use crate::engine::{EngineSpec, VM_RUNNING};
+pub use cidr::Cidr;
+
+/// Connections a server channel holds unless `max_connections` says otherwise.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 64;
+/// The most `max_connections` may be: each connection holds a file descriptor.
+pub const MAX_MAX_CONNECTIONS: u32 = 4096;
+/// `tcp_user_timeout` unless configured: a TCP peer that stops acknowledging (its host gone
+/// without a FIN) is noticed within this many milliseconds.
+pub const DEFAULT_TCP_USER_TIMEOUT_MS: u64 = 5000;
 
 /// Why a configuration was refused. Each message is one line and names the offending key or file.
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +150,19 @@ pub struct RawChardev {
     /// The guest's CID, for `vhost-user-vsock`.
     #[serde(rename = "guest-cid", alias = "guest_cid")]
     pub guest_cid: Option<u64>,
+    /// Server mode: the most connections held at once (seed `max-connections`).
+    #[serde(alias = "max-connections")]
+    pub max_connections: Option<u32>,
+    /// TCP server mode: the peer addresses allowed to connect, as ranges (seed: `peers=`,
+    /// repeated for each range).
+    pub peers: Option<Vec<String>>,
+    /// TCP: milliseconds of unacknowledged data or unanswered keepalive probes before the
+    /// connection is dropped; 0 leaves both to the kernel (seed `tcp-user-timeout`).
+    #[serde(alias = "tcp-user-timeout")]
+    pub tcp_user_timeout: Option<u64>,
+    /// Input messages per second that are parsed; the rest still prove life (seed `rate-limit`).
+    #[serde(alias = "rate-limit")]
+    pub rate_limit: Option<u32>,
     /// Where it came from, for error messages.
     #[serde(skip)]
     pub origin: String,
@@ -174,6 +197,10 @@ pub struct RawWatchdog {
     pub grace: Option<u64>,
     /// Accepted for compatibility and ignored.
     pub iothread: Option<String>,
+    /// Follow the VM's run state (the default with a notification node): `false` gives
+    /// wall-clock timers that run on while the VM is paused (seed `follow-vm`).
+    #[serde(alias = "follow-vm")]
+    pub follow_vm: Option<bool>,
     /// Conditions the plain timeout is linked to (TOML only).
     #[serde(default)]
     pub conditions: Vec<String>,
@@ -285,6 +312,15 @@ pub struct SocketChardev {
     pub reconnect: Duration,
     /// TCP_NODELAY on every connection.
     pub nodelay: bool,
+    /// Server mode: the most connections held at once; when full, a new one evicts the
+    /// connection silent for longest.
+    pub max_connections: usize,
+    /// TCP server mode: the allowed peer ranges (empty: any peer).
+    pub peers: Vec<Cidr>,
+    /// TCP: keepalive and `TCP_USER_TIMEOUT` (`None`: the kernel's defaults).
+    pub tcp_user_timeout: Option<Duration>,
+    /// Input messages per second that are parsed (`None`: all).
+    pub rate_limit: Option<u32>,
 }
 
 /// A validated vhost-user vsock chardev: one listening vsock port on a vsock device.
@@ -298,6 +334,8 @@ pub struct VsockChardev {
     pub guest_cid: u64,
     /// The vsock port awd listens on for this chardev.
     pub port: u32,
+    /// Input messages per second that are parsed (`None`: all).
+    pub rate_limit: Option<u32>,
 }
 
 /// A validated chardev.
@@ -315,6 +353,14 @@ impl Chardev {
         match self {
             Chardev::Socket(s) => &s.id,
             Chardev::Vsock(v) => &v.id,
+        }
+    }
+
+    /// Its input rate limit, messages per second.
+    pub fn rate_limit(&self) -> Option<u32> {
+        match self {
+            Chardev::Socket(s) => s.rate_limit,
+            Chardev::Vsock(v) => v.rate_limit,
         }
     }
 }
@@ -376,6 +422,8 @@ pub struct WatchdogConfig {
     pub escalation: Vec<EscalationStep>,
     /// Sent when the watchdog becomes STOPPED (empty: nothing).
     pub stopped_script: Script,
+    /// Every supervision is linked to `vm-running`: timers stop while the VM is paused.
+    pub follow_vm: bool,
 }
 
 /// The whole validated configuration.
@@ -499,15 +547,80 @@ fn build_chardev(c: &RawChardev) -> Result<Chardev, ConfigError> {
                     "reconnect=0: give at least 1 second",
                 ));
             }
-            if c.nodelay.is_some() && matches!(endpoint, Endpoint::Unix(_)) {
+            let tcp = matches!(endpoint, Endpoint::Tcp { .. });
+            if c.nodelay.is_some() && !tcp {
                 return Err(ConfigError::invalid(o, "nodelay= is only for TCP sockets"));
             }
+            let max_connections = match c.max_connections {
+                Some(_) if !server => {
+                    return Err(ConfigError::invalid(
+                        o,
+                        "max-connections= is only for server mode (server=on)",
+                    ));
+                }
+                Some(n) if n == 0 || n > MAX_MAX_CONNECTIONS => {
+                    return Err(ConfigError::invalid(
+                        o,
+                        format!("max-connections={n}: give 1..={MAX_MAX_CONNECTIONS}"),
+                    ));
+                }
+                Some(n) => n,
+                None => DEFAULT_MAX_CONNECTIONS,
+            };
+            let peers = match &c.peers {
+                None => Vec::new(),
+                Some(_) if !server || !tcp => {
+                    return Err(ConfigError::invalid(
+                        o,
+                        "peers= is only for TCP server mode (host=/port=, server=on)",
+                    ));
+                }
+                Some(list) if list.is_empty() => {
+                    return Err(ConfigError::invalid(
+                        o,
+                        "peers: an empty list admits nobody; leave it out to admit any peer",
+                    ));
+                }
+                Some(list) => list
+                    .iter()
+                    .map(|p| {
+                        p.trim()
+                            .parse::<Cidr>()
+                            .map_err(|e| ConfigError::invalid(o, format!("peers={p}: {e}")))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            };
+            let tcp_user_timeout = match c.tcp_user_timeout {
+                Some(_) if !tcp => {
+                    return Err(ConfigError::invalid(
+                        o,
+                        "tcp-user-timeout= is only for TCP sockets",
+                    ));
+                }
+                Some(0) => None,
+                Some(ms) if !(1000..=u64::from(u32::MAX)).contains(&ms) => {
+                    return Err(ConfigError::invalid(
+                        o,
+                        format!(
+                            "tcp-user-timeout={ms}: give at least 1000 ms (keepalive probes go out \
+                             in whole seconds), or 0 for the kernel's defaults"
+                        ),
+                    ));
+                }
+                Some(ms) => Some(Duration::from_millis(ms)),
+                None if tcp => Some(Duration::from_millis(DEFAULT_TCP_USER_TIMEOUT_MS)),
+                None => None,
+            };
             Ok(Chardev::Socket(SocketChardev {
                 id: c.id.clone(),
                 endpoint,
                 server,
                 reconnect: Duration::from_secs(c.reconnect.unwrap_or(1)),
                 nodelay: c.nodelay.unwrap_or(false),
+                max_connections: max_connections as usize,
+                peers,
+                tcp_user_timeout,
+                rate_limit: check_rate_limit(o, c.rate_limit)?,
             }))
         }
         "vhost-user-vsock" => {
@@ -538,6 +651,9 @@ fn build_chardev(c: &RawChardev) -> Result<Chardev, ConfigError> {
                 (c.wait.is_some(), "wait"),
                 (c.reconnect.is_some(), "reconnect"),
                 (c.nodelay.is_some(), "nodelay"),
+                (c.max_connections.is_some(), "max-connections"),
+                (c.peers.is_some(), "peers"),
+                (c.tcp_user_timeout.is_some(), "tcp-user-timeout"),
             ] {
                 if set {
                     return Err(ConfigError::invalid(
@@ -551,12 +667,24 @@ fn build_chardev(c: &RawChardev) -> Result<Chardev, ConfigError> {
                 path,
                 guest_cid,
                 port,
+                rate_limit: check_rate_limit(o, c.rate_limit)?,
             }))
         }
         other => Err(ConfigError::invalid(
             o,
             format!("unsupported chardev backend '{other}' (awd has socket and vhost-user-vsock)"),
         )),
+    }
+}
+
+/// `rate-limit=` is a number of messages per second, at least 1.
+fn check_rate_limit(origin: &str, v: Option<u32>) -> Result<Option<u32>, ConfigError> {
+    match v {
+        Some(0) => Err(ConfigError::invalid(
+            origin,
+            "rate-limit=0: give at least 1 message per second, or leave it out",
+        )),
+        v => Ok(v),
     }
 }
 
@@ -646,6 +774,15 @@ impl Config {
                 .engine
                 .supervisions()
                 .any(|(_, _, conds)| conds.iter().any(|c| c == crate::engine::VM_RUNNING));
+            if let (true, Some(node)) = (wc.follow_vm, &wc.notification_node) {
+                cfg.notes.push(format!(
+                    "watchdog '{}': follows the VM's run state (its timers stop while the VM is \
+                     paused) on notification_node={node}; that needs a QMP monitor there: with an \
+                     HMP or raw node the run state is never known and the timers run on the wall \
+                     clock (follow-vm=off says so explicitly)",
+                    wc.id
+                ));
+            }
             if links_vm && wc.notification_node.is_none() {
                 cfg.notes.push(format!(
                     "watchdog '{}': vm-running is followed on the notification node's QMP \
@@ -780,8 +917,34 @@ fn build_watchdog(
             "pulse_interval= needs server=on: the client side answers pulses instead",
         ));
     }
-    let engine = supervision::engine_spec(w, ms(timeout), w.grace.map(ms))
+    let mut engine = supervision::engine_spec(w, ms(timeout), w.grace.map(ms))
         .map_err(|e| ConfigError::invalid(&o, e.to_string()))?;
+    let follow_vm = match (w.follow_vm, &w.notification_node) {
+        (Some(true), None) => {
+            return Err(ConfigError::invalid(
+                &o,
+                "follow-vm=on needs a notification_node= (the run state comes from its QMP connection)",
+            ));
+        }
+        (Some(false), _) => {
+            if let Some((kind, name, _)) = engine
+                .supervisions()
+                .find(|(_, _, conds)| conds.iter().any(|c| c == VM_RUNNING))
+            {
+                return Err(ConfigError::invalid(
+                    &o,
+                    format!(
+                        "follow-vm=off, but {kind} '{name}' links condition vm-running; drop one of them"
+                    ),
+                ));
+            }
+            false
+        }
+        (_, node) => node.is_some(),
+    };
+    if follow_vm {
+        link_vm_running(&mut engine);
+    }
     let mut escalation = Vec::new();
     for (i, step) in w.escalate.iter().enumerate() {
         let origin = format!("{o}: escalate[{i}]");
@@ -842,7 +1005,26 @@ fn build_watchdog(
         engine,
         escalation,
         stopped_script,
+        follow_vm,
     })
+}
+
+/// Links every supervision of `spec` to `vm-running` (once), so none of its timers runs while
+/// the VM is paused, as the seed's timers on QEMU's virtual clock did not.
+fn link_vm_running(spec: &mut EngineSpec) {
+    let link = |conds: &mut Vec<String>| {
+        if !conds.iter().any(|c| c == VM_RUNNING) {
+            conds.insert(0, VM_RUNNING.to_owned());
+        }
+    };
+    link(&mut spec.plain.conditions);
+    spec.alive.iter_mut().for_each(|a| link(&mut a.conditions));
+    spec.deadline
+        .iter_mut()
+        .for_each(|d| link(&mut d.conditions));
+    spec.logical
+        .iter_mut()
+        .for_each(|l| link(&mut l.conditions));
 }
 
 /// Loads a script given as a file (relative to `base_dir`) or inline lines.
@@ -888,6 +1070,45 @@ impl fmt::Display for Config {
             writeln!(f, "watchdog {}", w.id)?;
             let node = &self.chardevs[&w.awd_node];
             writeln!(f, "  awd_node          {} ({node})", w.awd_node)?;
+            if let Chardev::Socket(s) = node {
+                if s.server {
+                    let peers = match s.peers.as_slice() {
+                        [] => "any peer".to_owned(),
+                        p => format!(
+                            "peers {}",
+                            p.iter().map(Cidr::to_string).collect::<Vec<_>>().join(", ")
+                        ),
+                    };
+                    writeln!(
+                        f,
+                        "  connections       at most {}, the longest silent evicted when full; {peers}",
+                        s.max_connections
+                    )?;
+                } else {
+                    writeln!(
+                        f,
+                        "  connect timeout   {} s (the reconnect period)",
+                        s.reconnect.as_secs_f64()
+                    )?;
+                }
+                match (&s.endpoint, s.tcp_user_timeout) {
+                    (Endpoint::Tcp { .. }, Some(t)) => writeln!(
+                        f,
+                        "  tcp               keepalive, user timeout {} ms",
+                        t.as_millis()
+                    )?,
+                    (Endpoint::Tcp { .. }, None) => {
+                        writeln!(f, "  tcp               kernel keepalive defaults")?
+                    }
+                    (Endpoint::Unix(_), _) => {}
+                }
+            }
+            if let Some(r) = node.rate_limit() {
+                writeln!(
+                    f,
+                    "  rate limit        {r} messages/s parsed (excess input still proves life)"
+                )?;
+            }
             match &w.notification_node {
                 Some(n) => writeln!(f, "  notification_node {n} ({})", self.chardevs[n])?,
                 None => writeln!(f, "  notification_node none (log only)")?,
@@ -924,6 +1145,16 @@ impl fmt::Display for Config {
             if !w.stopped_script.is_empty() {
                 writeln!(f, "  when stopped      {}", w.stopped_script)?;
             }
+            match (w.follow_vm, &w.notification_node) {
+                (true, Some(n)) => writeln!(
+                    f,
+                    "  vm run state      followed on {n}: timers stop while the VM is paused (needs a QMP monitor)"
+                )?,
+                _ => writeln!(
+                    f,
+                    "  vm run state      not followed: timers run on the wall clock"
+                )?,
+            }
             write!(f, "{}", supervision::Summary(&w.engine))?;
         }
         Ok(())
@@ -933,6 +1164,7 @@ impl fmt::Display for Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn build(chardevs: &[&str], objects: &[&str]) -> Result<Config, ConfigError> {
         let mut raw = RawConfig::default();
@@ -1119,6 +1351,247 @@ mod tests {
                 .any(|n| n.contains("not shorter than timeout")),
             "{:?}",
             cfg.notes
+        );
+    }
+
+    #[test]
+    fn connection_limits_allow_lists_timeouts_and_rate_limits_parse_in_both_syntaxes() {
+        let cfg = build(
+            &[
+                "socket,id=hb,host=0.0.0.0,port=9009,server=on,max-connections=8,\
+               peers=10.0.0.0/8,peers=127.0.0.1,tcp-user-timeout=3000,rate-limit=200",
+            ],
+            &["advanced-watchdog,id=w,awd_node=hb,timeout=1000"],
+        )
+        .unwrap();
+        let Chardev::Socket(seed) = &cfg.chardevs["hb"] else {
+            panic!("a socket")
+        };
+        assert_eq!(seed.max_connections, 8);
+        assert_eq!(
+            seed.peers,
+            vec![
+                "10.0.0.0/8".parse::<Cidr>().unwrap(),
+                "127.0.0.1/32".parse().unwrap()
+            ]
+        );
+        assert_eq!(seed.tcp_user_timeout, Some(Duration::from_secs(3)));
+        assert_eq!(seed.rate_limit, Some(200));
+        let text = cfg.to_string();
+        for want in [
+            "connections       at most 8, the longest silent evicted when full; peers 10.0.0.0/8, 127.0.0.1/32",
+            "tcp               keepalive, user timeout 3000 ms",
+            "rate limit        200 messages/s parsed (excess input still proves life)",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+        let toml = "[chardev.hb]\nhost = \"0.0.0.0\"\nport = 9009\nserver = true\nmax_connections = 8\n\
+            peers = [\"10.0.0.0/8\", \"127.0.0.1\"]\ntcp_user_timeout = 3000\nrate_limit = 200\n\
+            [watchdog.w]\nawd_node = \"hb\"\ntimeout = 1000\n";
+        let from_file = Config::build(file::parse(toml, Path::new("a.toml")).unwrap()).unwrap();
+        assert_eq!(from_file.chardevs, cfg.chardevs);
+        // Defaults: 64 connections, any peer, a 5 s user timeout on TCP, nothing on Unix.
+        let cfg = build(
+            &[
+                "socket,id=hb,port=9009,server",
+                "socket,id=u,path=/tmp/u.sock,server",
+                "vhost-user-vsock,id=v,path=/tmp/v.sock,guest-cid=3,port=1,rate-limit=50",
+            ],
+            &["advanced-watchdog,id=w,awd_node=hb,timeout=1000"],
+        )
+        .unwrap();
+        let Chardev::Socket(d) = &cfg.chardevs["hb"] else {
+            panic!("a socket")
+        };
+        assert_eq!(
+            (
+                d.max_connections,
+                d.peers.len(),
+                d.tcp_user_timeout,
+                d.rate_limit
+            ),
+            (64, 0, Some(Duration::from_secs(5)), None)
+        );
+        let Chardev::Socket(u) = &cfg.chardevs["u"] else {
+            panic!("a socket")
+        };
+        assert_eq!(u.tcp_user_timeout, None);
+        assert_eq!(cfg.chardevs["v"].rate_limit(), Some(50));
+        let cfg = build(
+            &["socket,id=hb,port=9009,tcp-user-timeout=0"],
+            &["advanced-watchdog,id=w,awd_node=hb,timeout=1000"],
+        )
+        .unwrap();
+        assert!(cfg.to_string().contains("connect timeout   1 s"), "{cfg}");
+        assert!(
+            cfg.to_string().contains("kernel keepalive defaults"),
+            "{cfg}"
+        );
+    }
+
+    #[test]
+    fn connection_options_are_refused_where_they_do_not_apply() {
+        let w = ["advanced-watchdog,id=w,awd_node=a,timeout=1"];
+        for (chardev, want) in [
+            (
+                "socket,id=a,port=1,max-connections=4",
+                "max-connections= is only for server mode",
+            ),
+            (
+                "socket,id=a,port=1,server,max-connections=0",
+                "max-connections=0: give 1..=4096",
+            ),
+            (
+                "socket,id=a,port=1,server,max-connections=5000",
+                "max-connections=5000",
+            ),
+            (
+                "socket,id=a,port=1,peers=10.0.0.0/8",
+                "peers= is only for TCP server mode",
+            ),
+            (
+                "socket,id=a,path=/tmp/x,server,peers=10.0.0.0/8",
+                "peers= is only for TCP server mode",
+            ),
+            (
+                "socket,id=a,port=1,server,peers=10.1.0.0/8",
+                "peers=10.1.0.0/8: '10.1.0.0/8' has host bits set",
+            ),
+            (
+                "socket,id=a,port=1,server,peers=localhost",
+                "peers=localhost: 'localhost' is not an IP address",
+            ),
+            (
+                "socket,id=a,path=/tmp/x,tcp-user-timeout=1000",
+                "tcp-user-timeout= is only for TCP",
+            ),
+            (
+                "socket,id=a,port=1,tcp-user-timeout=500",
+                "tcp-user-timeout=500: give at least 1000 ms",
+            ),
+            (
+                "socket,id=a,port=1,rate-limit=0",
+                "rate-limit=0: give at least 1",
+            ),
+            (
+                "socket,id=a,port=1,rate-limit=-3",
+                "rate-limit=-3: expected a whole number",
+            ),
+            (
+                "vhost-user-vsock,id=a,path=/tmp/v,guest-cid=3,port=1,max-connections=3",
+                "max-connections= does not apply to vhost-user-vsock",
+            ),
+            (
+                "vhost-user-vsock,id=a,path=/tmp/v,guest-cid=3,port=1,rate-limit=0",
+                "rate-limit=0",
+            ),
+        ] {
+            let err = build(&[chardev], &w).unwrap_err().to_string();
+            assert!(err.contains(want), "{chardev}: want {want:?}, got {err:?}");
+            assert!(!err.contains('\n'), "{err}");
+        }
+        let err = Config::build(
+            file::parse(
+                "[chardev.a]\nport = 1\nserver = true\npeers = []\n[watchdog.w]\nawd_node = \"a\"\ntimeout = 1\n",
+                Path::new("a.toml"),
+            )
+            .unwrap(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("an empty list admits nobody"), "{err}");
+    }
+
+    #[test]
+    fn a_watchdog_with_a_notification_node_follows_the_vm_unless_told_not_to() {
+        let chardevs = [
+            "socket,id=hb,path=/tmp/hb.sock,server",
+            "socket,id=mon,path=/tmp/mon.sock",
+        ];
+        let cfg = build(
+            &chardevs,
+            &["advanced-watchdog,id=w,awd_node=hb,notification_node=mon,timeout=1000"],
+        )
+        .unwrap();
+        let w = &cfg.watchdogs[0];
+        assert!(w.follow_vm);
+        assert_eq!(w.engine.plain.conditions, vec![VM_RUNNING.to_owned()]);
+        assert!(
+            cfg.notes
+                .iter()
+                .any(|n| n.contains("follows the VM's run state")
+                    && n.contains("needs a QMP monitor")
+                    && n.contains("HMP or raw node")),
+            "{:?}",
+            cfg.notes
+        );
+        let text = cfg.to_string();
+        assert!(text.contains("vm run state      followed on mon"), "{text}");
+        assert!(text.contains("conditions vm-running"), "{text}");
+
+        for off in ["follow-vm=off", "follow_vm=off"] {
+            let cfg = build(
+                &chardevs,
+                &[&format!(
+                    "advanced-watchdog,id=w,awd_node=hb,notification_node=mon,timeout=1000,{off}"
+                )],
+            )
+            .unwrap();
+            assert!(!cfg.watchdogs[0].follow_vm);
+            assert!(cfg.watchdogs[0].engine.plain.conditions.is_empty());
+            assert!(
+                cfg.to_string()
+                    .contains("not followed: timers run on the wall clock")
+            );
+            assert!(!cfg.notes.iter().any(|n| n.contains("follows the VM")));
+        }
+        // Without a node there is nothing to follow.
+        let cfg = build(
+            &chardevs,
+            &["advanced-watchdog,id=w,awd_node=hb,timeout=1000"],
+        )
+        .unwrap();
+        assert!(!cfg.watchdogs[0].follow_vm);
+        assert!(cfg.watchdogs[0].engine.plain.conditions.is_empty());
+        let err = build(
+            &chardevs,
+            &["advanced-watchdog,id=w,awd_node=hb,timeout=1000,follow-vm=on"],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("follow-vm=on needs a notification_node="),
+            "{err}"
+        );
+
+        // TOML: every supervision is linked, once; an explicit opt-out contradicting a link is refused.
+        let base = "[chardev.hb]\npath = \"/tmp/hb\"\nserver = true\n[chardev.mon]\npath = \"/tmp/m\"\n\
+            [watchdog.w]\nawd_node = \"hb\"\nnotification_node = \"mon\"\ntimeout = 1000\n";
+        let alive =
+            "[[watchdog.w.alive]]\nname = \"l\"\ncheckpoint = \"t\"\ncycle = 100\nexpected = 1\n";
+        let cfg = Config::build(
+            file::parse(
+                &format!("{base}conditions = [\"vm-running\"]\n{alive}"),
+                Path::new("a.toml"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let e = &cfg.watchdogs[0].engine;
+        assert_eq!(e.plain.conditions, vec![VM_RUNNING.to_owned()]);
+        assert_eq!(e.alive[0].conditions, vec![VM_RUNNING.to_owned()]);
+        let err = Config::build(
+            file::parse(
+                &format!("{base}follow_vm = false\n{alive}conditions = [\"vm-running\"]\n"),
+                Path::new("a.toml"),
+            )
+            .unwrap(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("follow-vm=off, but alive 'l' links condition vm-running"),
+            "{err}"
         );
     }
 

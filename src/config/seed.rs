@@ -3,7 +3,8 @@
 //!
 //! QEMU's rules are kept: the first element is the backend or object type, `,,` is a literal
 //! comma inside a value, booleans are `on|off` (also `yes|no|true|false`), and the legacy bare
-//! words `server`, `nowait`, `nodelay` mean `server=on`, `wait=off`, `nodelay=on`.
+//! words `server`, `nowait`, `nodelay` mean `server=on`, `wait=off`, `nodelay=on`. A list is
+//! a repeated key, as in QEMU's `-numa node,cpus=0,cpus=2`: `peers=10.0.0.0/8,peers=::1`.
 
 use super::{ConfigError, RawChardev, RawObject, RawWatchdog};
 
@@ -63,6 +64,15 @@ fn parse_u64(arg: &str, key: &str, v: &str) -> Result<u64, ConfigError> {
         .map_err(|_| ConfigError::syntax(arg, format!("{key}={v}: expected a whole number")))
 }
 
+fn parse_u32(arg: &str, key: &str, v: &str) -> Result<u32, ConfigError> {
+    v.parse::<u32>().map_err(|_| {
+        ConfigError::syntax(
+            arg,
+            format!("{key}={v}: expected a whole number up to {}", u32::MAX),
+        )
+    })
+}
+
 /// Parses one `--chardev` argument.
 pub fn parse_chardev(arg: &str) -> Result<RawChardev, ConfigError> {
     let elems = split(arg);
@@ -95,6 +105,10 @@ pub fn parse_chardev(arg: &str) -> Result<RawChardev, ConfigError> {
             "nodelay" => c.nodelay = Some(parse_bool(arg, &k, &v)?),
             "reconnect" => c.reconnect = Some(parse_u64(arg, &k, &v)?),
             "guest-cid" => c.guest_cid = Some(parse_u64(arg, &k, &v)?),
+            "max-connections" => c.max_connections = Some(parse_u32(arg, &k, &v)?),
+            "peers" => c.peers.get_or_insert_with(Vec::new).push(v),
+            "tcp-user-timeout" => c.tcp_user_timeout = Some(parse_u64(arg, &k, &v)?),
+            "rate-limit" => c.rate_limit = Some(parse_u32(arg, &k, &v)?),
             "port-vsock" | "vsock-port" => {
                 return Err(ConfigError::syntax(
                     arg,
@@ -144,6 +158,7 @@ pub fn parse_object(arg: &str) -> Result<RawObject, ConfigError> {
                     "timeout" => w.timeout = Some(parse_u64(arg, &k, &v)?),
                     "grace" => w.grace = Some(parse_u64(arg, &k, &v)?),
                     "iothread" => w.iothread = Some(v),
+                    "follow-vm" | "follow_vm" => w.follow_vm = Some(parse_bool(arg, &k, &v)?),
                     _ => return Err(ConfigError::syntax(arg, format!("unknown key '{k}'"))),
                 }
             }

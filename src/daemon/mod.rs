@@ -520,7 +520,7 @@ impl Daemon {
                     .expect("planned above");
                 dev.ports.push(VsockPort {
                     port: *port,
-                    ctx: context(w, tx.clone(), wm.clone(), false),
+                    ctx: context(w, tx.clone(), wm.clone(), &cfg.chardevs[&w.awd_node]),
                 });
                 info!(watchdog = %id, channel = %w.awd_node, "vsock port {port} on {}", path.display());
             }
@@ -580,8 +580,10 @@ impl Daemon {
                 ) else {
                     continue;
                 };
-                d.device
-                    .rebind(*port, context(w, tx.clone(), wm.clone(), false));
+                d.device.rebind(
+                    *port,
+                    context(w, tx.clone(), wm.clone(), &cfg.chardevs[&w.awd_node]),
+                );
                 info!(watchdog = %id, channel = %w.awd_node, "vsock port {port} on {}", path.display());
             }
             d.ports = ports.clone();
@@ -678,11 +680,13 @@ impl Daemon {
             tasks.spawn(task.run(token.clone()));
             let chardev = cfg.chardevs[&w.awd_node].clone();
             if let Chardev::Socket(s) = &chardev {
-                let ctx = context(w, tx.clone(), wm, s.nodelay);
+                let ctx = context(w, tx.clone(), wm, &chardev);
                 match prepared.listeners.remove(&w.id) {
                     Some(l) => {
-                        info!(watchdog = %w.id, channel = %w.awd_node, "listening on {}", s.endpoint);
-                        tasks.spawn(socket::serve(l, ctx, token.clone()));
+                        let policy = socket::ServerPolicy::of(s, w.timeout);
+                        info!(watchdog = %w.id, channel = %w.awd_node, max_connections = policy.max_connections,
+                            "listening on {}", s.endpoint);
+                        tasks.spawn(socket::serve(l, policy, ctx, token.clone()));
                     }
                     None if s.server => {}
                     None => {
@@ -723,14 +727,15 @@ fn context(
     w: &WatchdogConfig,
     events: mpsc::Sender<ChannelEvent>,
     metrics: Arc<WatchdogMetrics>,
-    nodelay: bool,
+    chardev: &Chardev,
 ) -> ChannelContext {
     ChannelContext {
         watchdog: w.id.as_str().into(),
         channel: w.awd_node.as_str().into(),
         events,
         metrics,
-        nodelay,
+        nodelay: matches!(chardev, Chardev::Socket(s) if s.nodelay),
+        rate_limit: chardev.rate_limit(),
     }
 }
 

@@ -626,7 +626,7 @@ impl WatchdogTask {
                     ),
                 };
                 if let Some(why) = &o.rejected {
-                    self.metrics.refused.inc();
+                    self.metrics.refused_inputs.inc();
                     if let Some(suppressed) = self.logs.allow(InputLog::Refused) {
                         warn!(watchdog = &*self.id, conn, reason = %why, suppressed, "input refused");
                     }
@@ -810,6 +810,7 @@ mod tests {
             },
             escalation: Vec::new(),
             stopped_script: Script::default(),
+            follow_vm: false,
         };
         edit(&mut cfg);
         let (events, rx) = mpsc::channel(16);

@@ -335,7 +335,8 @@ impl VsockBackend {
                 p.ctx.watchdog.clone(),
                 p.ctx.channel.clone(),
                 p.ctx.metrics.clone(),
-            );
+            )
+            .with_rate_limit(p.ctx.rate_limit);
             let ev = ChannelEvent::Connected {
                 conn: c.id,
                 peer: peer_name(self.guest_cid, c.guest_port),
@@ -571,7 +572,8 @@ impl VsockBackend {
                 port.ctx.watchdog.clone(),
                 port.ctx.channel.clone(),
                 port.ctx.metrics.clone(),
-            ),
+            )
+            .with_rate_limit(port.ctx.rate_limit),
             outbox: outbox.clone(),
             credit,
             need_response: true,
@@ -1901,6 +1903,7 @@ mod tests {
             events: tx,
             metrics: wm.clone(),
             nodelay: false,
+            rate_limit: None,
         };
         assert!(!d.backend.rebind(7777, ctx.clone()), "not a served port");
         assert!(d.backend.rebind(9009, ctx.clone()));

@@ -540,6 +540,7 @@ mod tests {
                         events: mpsc::channel(4).0,
                         metrics: metrics.watchdog("w", "c"),
                         nodelay: false,
+                        rate_limit: None,
                     },
                 })
                 .collect(),

@@ -255,6 +255,7 @@ impl Driver {
                     events: tx,
                     metrics: m.clone(),
                     nodelay: false,
+                    rate_limit: None,
                 },
             });
             watches.push(Watch {
