@@ -567,7 +567,13 @@ mod tests {
         let err = spawn(config(&path, &[9009], 3), CancellationToken::new())
             .expect_err("the socket is in use");
         assert!(matches!(err, VsockError::Bind { .. }), "{err}");
-        assert_eq!(dev.stats(), VsockStats::default());
+        // The second spawn's check that the socket is live connects to it, which the first
+        // device may count as a frontend: nothing else has happened.
+        let stats = VsockStats {
+            frontends: 0,
+            ..dev.stats()
+        };
+        assert_eq!(stats, VsockStats::default());
         dev.join();
         assert!(!path.exists(), "the socket file is removed on stop");
     }
