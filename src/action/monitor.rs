@@ -194,11 +194,25 @@ pub struct LineClient {
 
 /// Connects; for a Unix socket also returns the peer's pid (`SO_PEERCRED`), which tells one
 /// QEMU process from the next behind the same path.
+/// Connects to a TCP monitor with keepalive and `TCP_USER_TIMEOUT` as on heartbeat channels:
+/// a monitor whose host vanished without a FIN is seen to be gone (and its run state stops
+/// being trusted) within the default user timeout.
+async fn connect_tcp(host: &str, port: u16) -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect((host, port)).await?;
+    let _ = crate::transport::socket::TcpOptions {
+        nodelay: true,
+        user_timeout: Some(Duration::from_millis(
+            crate::config::DEFAULT_TCP_USER_TIMEOUT_MS,
+        )),
+    }
+    .apply(&s);
+    Ok(s)
+}
+
 async fn open(endpoint: &Endpoint) -> std::io::Result<(BoxStream, Option<u32>)> {
     Ok(match endpoint {
         Endpoint::Tcp { host, port } => {
-            let s = TcpStream::connect((host.as_str(), *port)).await?;
-            let _ = s.set_nodelay(true);
+            let s = connect_tcp(host, *port).await?;
             (Box::new(s), None)
         }
         Endpoint::Unix(p) => {
@@ -542,6 +556,22 @@ async fn run_qmp(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_tcp_monitor_connection_has_keepalive_and_a_user_timeout() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let s = connect_tcp("127.0.0.1", port).await.unwrap();
+        let sock = socket2::SockRef::from(&s);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(
+            sock.tcp_user_timeout().unwrap(),
+            Some(Duration::from_millis(
+                crate::config::DEFAULT_TCP_USER_TIMEOUT_MS
+            ))
+        );
+        assert!(s.nodelay().unwrap());
+    }
 
     #[test]
     fn hmp_output_loses_its_echo_and_escapes() {
