@@ -26,6 +26,7 @@ pub mod queue;
 pub mod script;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus_client::metrics::gauge::Gauge;
@@ -57,6 +58,11 @@ pub struct Job {
     pub script: Arc<Script>,
     /// Its counters.
     pub metrics: Arc<WatchdogMetrics>,
+    /// The QEMU process it was queued for: the node's process generation when it was
+    /// submitted (set by [`RunnerHandle::submit`]). A job meant for a process that has gone
+    /// is not run on its successor: that VM is booting, and its watchdog has re-entered its
+    /// grace.
+    pub process: u64,
 }
 
 /// The result of one line, reported to whoever wants to watch (tests, the control socket).
@@ -87,6 +93,7 @@ pub struct VmState {
 #[derive(Debug, Clone)]
 pub struct RunnerHandle {
     queue: Arc<JobQueue>,
+    process: Arc<AtomicU64>,
     chardev: Arc<str>,
     vm: watch::Receiver<VmState>,
     /// In unit tests of the watchdog, jobs go here instead (the test plays the runner).
@@ -108,6 +115,7 @@ impl RunnerHandle {
         (
             RunnerHandle {
                 queue: Arc::new(JobQueue::new("test")),
+                process: Arc::default(),
                 chardev: "test".into(),
                 vm,
                 tap: Some(tx),
@@ -119,7 +127,8 @@ impl RunnerHandle {
     /// Queues a job behind the watchdog's earlier ones. Never blocks and never drops a job
     /// while the runner runs (see [`queue`]); only a runner that has stopped (shutdown, or a
     /// reload that removed the node) refuses it, with an error log.
-    pub fn submit(&self, job: Job) {
+    pub fn submit(&self, mut job: Job) {
+        job.process = self.process.load(Ordering::SeqCst);
         #[cfg(test)]
         if let Some(tap) = &self.tap {
             let _ = tap.try_send(job);
@@ -159,6 +168,9 @@ enum LastEnd {
 pub struct Runner {
     chardev: SocketChardev,
     queue: Arc<JobQueue>,
+    /// The generation of the QEMU process behind the node, bumped each time a new process
+    /// replaces the one seen before (not for a reset of the same one).
+    process: Arc<AtomicU64>,
     monitor: Option<Monitor>,
     reports: Option<mpsc::UnboundedSender<LineReport>>,
     failures: u32,
@@ -174,9 +186,11 @@ impl Runner {
     /// A runner for `chardev` and the handle to feed it.
     pub fn new(chardev: SocketChardev) -> (Runner, RunnerHandle) {
         let queue = Arc::new(JobQueue::new(&chardev.id));
+        let process = Arc::new(AtomicU64::new(0));
         let (vm_tx, vm) = watch::channel(VmState::default());
         let handle = RunnerHandle {
             queue: queue.clone(),
+            process: process.clone(),
             chardev: chardev.id.as_str().into(),
             vm,
             #[cfg(test)]
@@ -185,6 +199,7 @@ impl Runner {
         let runner = Runner {
             chardev,
             queue,
+            process,
             monitor: None,
             reports: None,
             failures: 0,
@@ -307,16 +322,33 @@ impl Runner {
         match (m.peer_pid(), &self.chardev.endpoint) {
             (Some(pid), _) => {
                 if self.last_pid != Some(pid) {
+                    if self.last_pid.is_some() {
+                        self.new_process();
+                    }
                     self.started_over(&format!("new QEMU process behind the monitor (pid {pid})"));
                 }
                 self.last_pid = Some(pid);
             }
             (None, _) => match self.last_end {
                 LastEnd::Never => self.started_over("first connection to the monitor"),
+                // Over TCP a closed connection may be the same QEMU (a proxy, a transient
+                // loss): the start-over re-graces, but queued jobs still run. Only a pid seen
+                // to change proves a new process.
                 LastEnd::Peer => self.started_over("new connection after the monitor closed"),
                 LastEnd::Ours => {}
             },
         }
+    }
+
+    /// A QEMU process replaced the one seen before: jobs queued for the old one are not run
+    /// on it. (Jobs queued before any process was seen run on the first one.)
+    fn new_process(&self) {
+        self.process.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Whether `job` was queued for a QEMU process that is no longer behind the node.
+    fn meant_for_a_gone_process(&self, job: &Job) -> bool {
+        job.process < self.process.load(Ordering::SeqCst)
     }
 
     async fn run_job(&mut self, job: Job, shutdown: &CancellationToken) {
@@ -385,6 +417,13 @@ impl Runner {
                     last = DeliveryError::NotSent(format!("{} unreachable", self.chardev.endpoint));
                     continue;
                 }
+            }
+            if self.meant_for_a_gone_process(job) {
+                return Err(DeliveryError::NotSent(
+                    "abandoned: queued for a QEMU process that has gone; a new one is starting, \
+                     and the watchdog re-entered its grace"
+                        .into(),
+                ));
             }
             let m = self.monitor.as_mut().expect("connected above");
             match m.run(line, LINE_TIMEOUT).await {
@@ -565,6 +604,7 @@ mod tests {
 
     fn job(wd: &str, text: &str) -> Job {
         Job {
+            process: 0,
             watchdog: wd.into(),
             script: Arc::new(Script::parse(text, "t").unwrap()),
             metrics: Metrics::new().watchdog(wd, "hb"),
@@ -625,6 +665,80 @@ mod tests {
             handle.vm_state().borrow().starts,
             0,
             "a raw node is no QEMU, and a written reset is no answer"
+        );
+        stop.cancel();
+    }
+
+    /// A job queued while one QEMU was behind the node is not run on the QEMU that replaced
+    /// it (a new peer pid on the Unix socket); a job queued after the replacement is. The two
+    /// "QEMUs" are separate processes (python3) serving the HMP greeting, so their pids differ.
+    #[tokio::test]
+    async fn a_job_meant_for_a_qemu_that_has_gone_is_not_run_on_its_successor() {
+        const HMP: &str = r#"
+import os, socket, sys
+path, mode = sys.argv[1], sys.argv[2]
+l = socket.socket(socket.AF_UNIX)
+l.bind(path); l.listen(1)
+print("listening", flush=True)
+c, _ = l.accept()
+c.sendall(b"QEMU 7.2.22 monitor - type 'help' for more information\r\n(qemu) ")
+if mode == "die":
+    sys.exit(0)
+f = c.makefile("rb")
+for line in f:
+    sys.stdout.write(line.decode().strip() + "\n"); sys.stdout.flush()
+    c.sendall(line.strip() + b"\r\n(qemu) ")
+"#;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hmp");
+        let spawn = |mode: &str| {
+            let _ = std::fs::remove_file(&path);
+            let mut child = tokio::process::Command::new("python3")
+                .args(["-c", HMP])
+                .arg(&path)
+                .arg(mode)
+                .stdout(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("python3 runs");
+            let out = BufReader::new(child.stdout.take().unwrap()).lines();
+            (child, out)
+        };
+        let next = async |out: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>| {
+            tokio::time::timeout(Duration::from_secs(10), out.next_line())
+                .await
+                .expect("the fake QEMU said something")
+                .unwrap()
+        };
+        let (mut first, mut out) = spawn("die");
+        assert_eq!(next(&mut out).await.as_deref(), Some("listening"));
+        let (handle, mut reports, stop) = runner_at(&path);
+        let mut vm = handle.vm_state();
+        tokio::time::timeout(Duration::from_secs(10), vm.wait_for(|s| s.starts == 1))
+            .await
+            .expect("connected to the first QEMU")
+            .unwrap();
+        // The first QEMU dies and a new one comes up on the same path before the runner has
+        // noticed; a job queued now was meant for the first.
+        tokio::time::timeout(Duration::from_secs(10), first.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        let (_second, mut out) = spawn("serve");
+        assert_eq!(next(&mut out).await.as_deref(), Some("listening"));
+        handle.submit(job("w", "system_reset"));
+        let r = report(&mut reports).await;
+        assert!(
+            matches!(&r.result, Err(DeliveryError::NotSent(why)) if why.contains("abandoned")),
+            "{r:?}"
+        );
+        handle.submit(job("w", "info status"));
+        let r = report(&mut reports).await;
+        assert!(matches!(r.result, Ok(Outcome::Ok(_))), "{r:?}");
+        assert_eq!(
+            next(&mut out).await.as_deref(),
+            Some("info status"),
+            "the reset never reached the new QEMU; the later line did"
         );
         stop.cancel();
     }

@@ -96,10 +96,13 @@ impl JobQueue {
         }
         let key = job.watchdog.clone();
         let mine = inner.waiting.entry(key.clone()).or_default();
-        if mine
-            .iter()
-            .any(|j| Arc::ptr_eq(&j.script, &job.script) || *j.script == *job.script)
+        if let Some(same) = mine
+            .iter_mut()
+            .find(|j| Arc::ptr_eq(&j.script, &job.script) || *j.script == *job.script)
         {
+            // The waiting job now also stands for this one: it is meant for the newest QEMU
+            // process either was queued for.
+            same.process = same.process.max(job.process);
             return Pushed::Coalesced;
         }
         let first = mine.is_empty();
@@ -193,6 +196,7 @@ mod tests {
 
     fn job(wd: &str, script: &str) -> Job {
         Job {
+            process: 0,
             watchdog: wd.into(),
             script: Arc::new(Script::parse(script, "t").unwrap()),
             metrics: Metrics::new().watchdog(wd, "hb"),

@@ -524,6 +524,7 @@ impl WatchdogTask {
     fn submit(&self, script: Arc<Script>) {
         match &self.links.runner {
             Some(r) if !script.is_empty() => r.submit(Job {
+                process: 0,
                 watchdog: self.id.clone(),
                 script,
                 metrics: self.metrics.clone(),
