@@ -7,10 +7,10 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tracing::{error, info};
 
-use crate::action::error_chain;
 use crate::config::{Config, ConfigError, RawConfig, file};
 use crate::control::{self, Request, Response};
 use crate::daemon::{Daemon, Options, systemd};
+use crate::util::error_chain;
 
 const RUN_EXAMPLE: &str = "\
 Example (the seed's local-guest watchdog: quit QEMU after 5 s of silence on port 9009):

@@ -52,7 +52,8 @@ pub use crate::engine::{
     Setter, SpecError, TimeRange, TimeoutSpec,
 };
 use crate::engine::{Change, Event, WatchdogEngine};
-use crate::protocol::{MAX_LINE, valid_name};
+use crate::protocol::MAX_LINE;
+use crate::util::valid_name;
 
 /// Why a report was not made, or what it revealed.
 #[derive(Debug, thiserror::Error)]

@@ -24,7 +24,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::transport::socket::{UnixPathGuard, clear_stale_socket};
+use crate::util::{UnixPathGuard, clear_stale_socket};
 
 /// Where the control socket is unless `--control` says otherwise.
 pub const DEFAULT_PATH: &str = "/run/awd/control.sock";

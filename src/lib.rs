@@ -7,26 +7,33 @@
 //!
 //! ## Map of the crate
 //!
-//! The guest-side pieces build without the `daemon` feature, so the static guest agent stays small.
+//! The modules in dependency order: each uses only those above it, never one below, so the graph
+//! has no cycles (`tests/architecture.rs` holds the tree to this table; every module may use
+//! `util`). Each subsystem owns its input type (the engine its `EngineSpec`, the
+//! transports their `SocketChardev`/`VsockChardev`, the actions their `Script`); `config` builds
+//! them from either syntax. The guest-side pieces build without the `daemon` feature, so the
+//! static guest agent stays small.
 //!
-//! | module | job |
-//! |---|---|
-//! | [`protocol`] | the bytes on a heartbeat channel: line protocol, AWD pulse frames, decoder |
-//! | [`engine`] | pure supervision: events and the current time in, status changes and the next deadline out |
-//! | [`agent`] | the guest agent behind the `awd-agent` binary |
-//! | [`client`] | the health-monitoring API for guest programs |
-//! | `config` | one validated model from the seed's `-chardev`/`-object` syntax or TOML |
-//! | `transport` | heartbeat channels: TCP/Unix sockets (server or client with reconnect), and awd's own vhost-user vsock device |
-//! | `action` | what runs on expiry: typed QMP through `qapi`, HMP lines, raw notification lines |
-//! | `daemon` | wiring: one task per watchdog, transports feeding it, action runners behind it |
-//! | `metrics` | counters shared by the daemon's parts, exposed for Prometheus |
-//! | `control` | the control socket behind `awd status`, `enable`, `disable`, `condition` |
-//! | `cli` | the `awd` command line |
+//! | module | job | uses |
+//! |---|---|---|
+//! | [`util`] | small helpers shared by modules that must not import each other: names, error chains, log rate limits, Unix socket files | none |
+//! | [`protocol`] | the bytes on a heartbeat channel: line protocol, AWD pulse frames, decoder | none |
+//! | [`engine`] | pure supervision: events and the current time in, status changes and the next deadline out | none |
+//! | [`client`] | the health-monitoring API for guest programs | engine, protocol |
+//! | [`agent`] | the guest agent behind the `awd-agent` binary | protocol |
+//! | `metrics` | the Prometheus registry and per-watchdog counters; subsystems add their own collectors | engine, protocol |
+//! | `transport` | heartbeat channels: TCP/Unix sockets (server or client with reconnect), and awd's own vhost-user vsock device | metrics, protocol |
+//! | `action` | what runs on expiry: typed QMP through `qapi`, HMP lines, raw notification lines | transport (endpoints), metrics |
+//! | `config` | one validated model from the seed's `-chardev`/`-object` syntax or TOML | engine, transport, action |
+//! | `control` | the control socket behind `awd status`, `enable`, `disable`, `condition` | none |
+//! | `daemon` | wiring: one task per watchdog, transports feeding it, action runners behind it | all of the above |
+//! | `cli` | the `awd` command line | config, control, daemon, metrics |
 
 pub mod agent;
 pub mod client;
 pub mod engine;
 pub mod protocol;
+pub mod util;
 
 #[cfg(feature = "daemon")]
 pub mod action;

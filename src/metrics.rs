@@ -99,114 +99,6 @@ pub struct Metrics {
     refused: Family<ConnectionLabels, Counter>,
     evicted: Family<ConnectionLabels, Counter>,
     live: Arc<LiveWatchdogs>,
-    vsock: Arc<VsockDevices>,
-}
-
-/// The vhost-user vsock devices whose counters are exported at each scrape.
-#[derive(Debug, Default)]
-struct VsockDevices {
-    by_path: Mutex<BTreeMap<String, Arc<crate::transport::vsock::VsockCounters>>>,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct DeviceLabels {
-    device: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct DeviceDirLabels {
-    device: String,
-    direction: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct DeviceReasonLabels {
-    device: String,
-    reason: String,
-}
-
-impl Collector for VsockDevices {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        use crate::transport::vsock::Malformed;
-        let map = self.by_path.lock().unwrap_or_else(|e| e.into_inner());
-        let connections = Family::<DeviceLabels, Counter>::default();
-        let open = Family::<DeviceLabels, Gauge>::default();
-        let refused = Family::<DeviceLabels, Counter>::default();
-        let packets = Family::<DeviceDirLabels, Counter>::default();
-        let resets = Family::<DeviceLabels, Counter>::default();
-        let malformed = Family::<DeviceReasonLabels, Counter>::default();
-        for (path, c) in map.iter() {
-            let st = c.snapshot();
-            let d = DeviceLabels {
-                device: path.clone(),
-            };
-            connections.get_or_create(&d).inc_by(st.connections_opened);
-            open.get_or_create(&d).set(st.connections_open as i64);
-            refused.get_or_create(&d).inc_by(st.connections_refused);
-            resets.get_or_create(&d).inc_by(st.resets_sent);
-            for (dir, n) in [
-                ("from_guest", st.packets_from_guest),
-                ("to_guest", st.packets_to_guest),
-            ] {
-                packets
-                    .get_or_create(&DeviceDirLabels {
-                        device: path.clone(),
-                        direction: dir.into(),
-                    })
-                    .inc_by(n);
-            }
-            for r in Malformed::ALL {
-                malformed
-                    .get_or_create(&DeviceReasonLabels {
-                        device: path.clone(),
-                        reason: r.as_str().into(),
-                    })
-                    .inc_by(st.malformed(r));
-            }
-        }
-        let m = encoder.encode_descriptor(
-            "vsock_connections",
-            "Guest vsock connections accepted",
-            None,
-            connections.metric_type(),
-        )?;
-        connections.encode(m)?;
-        let m = encoder.encode_descriptor(
-            "vsock_connections_open",
-            "Guest vsock connections open",
-            None,
-            open.metric_type(),
-        )?;
-        open.encode(m)?;
-        let m = encoder.encode_descriptor(
-            "vsock_connections_refused",
-            "Guest connection requests answered with a reset",
-            None,
-            refused.metric_type(),
-        )?;
-        refused.encode(m)?;
-        let m = encoder.encode_descriptor(
-            "vsock_packets",
-            "Packets on the virtqueues",
-            None,
-            packets.metric_type(),
-        )?;
-        packets.encode(m)?;
-        let m = encoder.encode_descriptor(
-            "vsock_resets",
-            "OP_RST packets sent to the guest",
-            None,
-            resets.metric_type(),
-        )?;
-        resets.encode(m)?;
-        let m = encoder.encode_descriptor(
-            "vsock_malformed",
-            "Malformed guest input, by reason",
-            None,
-            malformed.metric_type(),
-        )?;
-        malformed.encode(m)
-    }
 }
 
 /// The watchdogs whose scrape-time values a collector computes.
@@ -289,7 +181,6 @@ impl Metrics {
             refused: Family::default(),
             evicted: Family::default(),
             live: Arc::default(),
-            vsock: Arc::default(),
         };
         registry.register(
             "heartbeats",
@@ -362,7 +253,6 @@ impl Metrics {
             m.evicted.clone(),
         );
         registry.register_collector(Box::new(m.live.clone()));
-        registry.register_collector(Box::new(m.vsock.clone()));
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
         m
     }
@@ -492,26 +382,14 @@ impl Metrics {
             .remove(&NodeLabels { node: node.into() });
     }
 
-    /// Exports a vsock device's counters, labelled with its socket path.
-    pub fn add_vsock_device(
-        &self,
-        path: &str,
-        counters: Arc<crate::transport::vsock::VsockCounters>,
-    ) {
-        self.vsock
-            .by_path
+    /// Adds a subsystem's own collector to the exposition, under the `awd_` prefix. Devices keep
+    /// their counters in their own module (the vsock device's collector lives with the device),
+    /// so this module needs to know nothing of them.
+    pub fn register_collector(&self, collector: Box<dyn Collector>) {
+        self.registry
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(path.into(), counters);
-    }
-
-    /// Stops exporting a vsock device's counters.
-    pub fn remove_vsock_device(&self, path: &str) {
-        self.vsock
-            .by_path
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(path);
+            .register_collector(collector);
     }
 
     /// Renders the Prometheus text exposition.
@@ -660,7 +538,7 @@ pub async fn serve_http_with(
     use hyper::{Response, StatusCode, header};
 
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
-    let mut refusals = crate::transport::LogLimiter::new(5, Duration::from_secs(10));
+    let mut refusals = crate::util::LogLimiter::new(5, Duration::from_secs(10));
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,

@@ -29,14 +29,14 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::util::valid_name;
+
 /// The pulse the server side of an AWD pair sends every `pulse_interval`.
 pub const PULSE: &str = "advanced-watchdog pulse";
 /// The client side's answer to each [`PULSE`].
 pub const PULSE_REPLY: &str = "advanced-watchdog reply pulse";
 /// The longest line or frame payload that is interpreted. Longer input is rejected.
 pub const MAX_LINE: usize = 4096;
-/// The longest checkpoint or condition name.
-pub const MAX_NAME: usize = 64;
 
 /// One message decoded from a channel. Borrowed from the decoder's buffer, so decoding a
 /// heartbeat allocates nothing.
@@ -264,16 +264,6 @@ pub fn parse_line(raw: &[u8]) -> Message<'_> {
         "STATUS" => Message::Status(value),
         _ => Message::Heartbeat,
     }
-}
-
-/// Whether `name` is a usable checkpoint or condition name: 1 to [`MAX_NAME`] characters of
-/// `[A-Za-z0-9_.:-]`.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_NAME
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b))
 }
 
 /// Encodes `payload` as an AWD frame: a 4-byte big-endian length, then the payload.

@@ -34,8 +34,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::config::SocketChardev;
 use crate::metrics::WatchdogMetrics;
+use crate::transport::SocketChardev;
+use crate::util::error_chain;
 use monitor::{DeliveryError, Kind, Monitor, Outcome};
 use queue::{JobQueue, Pushed};
 use script::{Script, TypedCommand};
@@ -557,23 +558,11 @@ async fn track_vm(client: Arc<qmp::QmpClient>, tx: Arc<watch::Sender<VmState>>, 
     debug!(%node, "stopped following the VM run state");
 }
 
-/// Formats an error with its sources, `a: b: c`, on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Endpoint;
     use crate::metrics::Metrics;
+    use crate::transport::Endpoint;
     use serde_json::json;
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -591,7 +580,7 @@ mod tests {
             server: false,
             reconnect: Duration::from_secs(1),
             nodelay: false,
-            max_connections: crate::config::DEFAULT_MAX_CONNECTIONS as usize,
+            max_connections: crate::transport::limits::DEFAULT_MAX_CONNECTIONS as usize,
             peers: Vec::new(),
             tcp_user_timeout: None,
             rate_limit: None,

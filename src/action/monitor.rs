@@ -26,7 +26,7 @@ use tokio::net::{TcpStream, UnixStream};
 
 use super::qmp::{QmpClient, QmpError, read_line_bounded};
 use super::script::{ScriptLine, TypedCommand};
-use crate::config::Endpoint;
+use crate::transport::Endpoint;
 
 /// How long a peer of unknown kind has to greet before it is taken for a plain socket. A peer
 /// known to be a monitor gets the whole [`CONNECT_TIMEOUT`].
@@ -202,7 +202,7 @@ async fn connect_tcp(host: &str, port: u16) -> std::io::Result<TcpStream> {
     let _ = crate::transport::socket::TcpOptions {
         nodelay: true,
         user_timeout: Some(Duration::from_millis(
-            crate::config::DEFAULT_TCP_USER_TIMEOUT_MS,
+            crate::transport::limits::DEFAULT_TCP_USER_TIMEOUT_MS,
         )),
     }
     .apply(&s);
@@ -567,7 +567,7 @@ mod tests {
         assert_eq!(
             sock.tcp_user_timeout().unwrap(),
             Some(Duration::from_millis(
-                crate::config::DEFAULT_TCP_USER_TIMEOUT_MS
+                crate::transport::limits::DEFAULT_TCP_USER_TIMEOUT_MS
             ))
         );
         assert!(s.nodelay().unwrap());

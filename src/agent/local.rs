@@ -41,7 +41,7 @@ pub enum Refusal {
     InvalidUtf8,
     /// The text holds a newline, so it would be two lines (found before sending only).
     Newline,
-    /// `CHECKPOINT=` with a name that is not [`valid_name`](crate::protocol::valid_name).
+    /// `CHECKPOINT=` with a name that is not [`valid_name`](crate::util::valid_name).
     NameInvalid,
     /// `CONDITION=` not of the form `name=1` or `name=0` with a valid name.
     ConditionInvalid,

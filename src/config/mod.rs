@@ -5,7 +5,6 @@
 //! together and resolves them into [`Config`], which is all the daemon ever sees. `awd check`
 //! and `awd run` go through the same function, so a config that checks is a config that runs.
 
-pub mod cidr;
 pub mod file;
 pub mod seed;
 pub mod supervision;
@@ -19,15 +18,10 @@ use serde::Deserialize;
 
 use crate::action::script::{Script, ScriptError};
 use crate::engine::{EngineSpec, VM_RUNNING};
-pub use cidr::Cidr;
-
-/// Connections a server channel holds unless `max_connections` says otherwise.
-pub const DEFAULT_MAX_CONNECTIONS: u32 = 64;
-/// The most `max_connections` may be: each connection holds a file descriptor.
-pub const MAX_MAX_CONNECTIONS: u32 = 4096;
-/// `tcp_user_timeout` unless configured: a TCP peer that stops acknowledging (its host gone
-/// without a FIN) is noticed within this many milliseconds.
-pub const DEFAULT_TCP_USER_TIMEOUT_MS: u64 = 5000;
+use crate::transport::limits::{
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_TCP_USER_TIMEOUT_MS, MAX_MAX_CONNECTIONS,
+};
+use crate::transport::{Cidr, Endpoint, SocketChardev, VsockChardev};
 
 /// Why a configuration was refused. Each message is one line and names the offending key or file.
 #[derive(Debug, thiserror::Error)]
@@ -273,69 +267,6 @@ pub enum RawObject {
         /// Its id.
         id: String,
     },
-}
-
-/// Where a socket chardev points.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Endpoint {
-    /// A TCP host and port.
-    Tcp {
-        /// Host name or address.
-        host: String,
-        /// Port.
-        port: u16,
-    },
-    /// A Unix socket path.
-    Unix(PathBuf),
-}
-
-impl fmt::Display for Endpoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Endpoint::Tcp { host, port } if host.contains(':') => write!(f, "tcp:[{host}]:{port}"),
-            Endpoint::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
-            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
-        }
-    }
-}
-
-/// A validated socket chardev.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SocketChardev {
-    /// Its id.
-    pub id: String,
-    /// Where it listens or connects.
-    pub endpoint: Endpoint,
-    /// Listen (true) or connect (false).
-    pub server: bool,
-    /// Client mode: the pause between connection attempts.
-    pub reconnect: Duration,
-    /// TCP_NODELAY on every connection.
-    pub nodelay: bool,
-    /// Server mode: the most connections held at once; when full, a new one evicts the
-    /// connection silent for longest.
-    pub max_connections: usize,
-    /// TCP server mode: the allowed peer ranges (empty: any peer).
-    pub peers: Vec<Cidr>,
-    /// TCP: keepalive and `TCP_USER_TIMEOUT` (`None`: the kernel's defaults).
-    pub tcp_user_timeout: Option<Duration>,
-    /// Input messages per second that are parsed (`None`: all).
-    pub rate_limit: Option<u32>,
-}
-
-/// A validated vhost-user vsock chardev: one listening vsock port on a vsock device.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VsockChardev {
-    /// Its id.
-    pub id: String,
-    /// The vhost-user socket QEMU's `vhost-user-vsock-pci` connects to.
-    pub path: PathBuf,
-    /// The guest's CID.
-    pub guest_cid: u64,
-    /// The vsock port awd listens on for this chardev.
-    pub port: u32,
-    /// Input messages per second that are parsed (`None`: all).
-    pub rate_limit: Option<u32>,
 }
 
 /// A validated chardev.

@@ -29,13 +29,14 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::action::{LineReport, Runner, RunnerHandle};
-use crate::config::{Chardev, Config, SocketChardev, VsockChardev, WatchdogConfig};
+use crate::config::{Chardev, Config, WatchdogConfig};
 use crate::control::{self, ControlListener, Request, Response};
 use crate::engine::Setter;
 use crate::metrics::{Metrics, WatchdogMetrics};
 use crate::transport::ChannelEvent;
-use crate::transport::socket::{self, ChannelContext, Listener, SocketError};
+use crate::transport::socket::{self, Listener, SocketError};
 use crate::transport::vsock::{self, VsockDevice, VsockDeviceConfig, VsockError, VsockPort};
+use crate::transport::{ChannelContext, SocketChardev, VsockChardev};
 use watchdog::{Command, Control, Links, WatchdogStatus, WatchdogTask};
 
 /// How long a watchdog task has to answer a control request.
@@ -104,6 +105,8 @@ struct Inner {
     tracker: TaskTracker,
     shutdown: CancellationToken,
     metrics: Arc<Metrics>,
+    /// The vsock devices' counters, registered in `metrics`.
+    vsock_metrics: vsock::VsockCollector,
     reports: Option<mpsc::UnboundedSender<LineReport>>,
     state: Mutex<State>,
 }
@@ -176,10 +179,14 @@ struct Prepared {
 impl Daemon {
     /// Binds every listener, then starts every task. Returns once all of it is up.
     pub async fn start(cfg: Config, opts: Options) -> Result<Daemon, DaemonError> {
+        let metrics = Arc::new(Metrics::new());
+        let vsock_metrics = vsock::VsockCollector::default();
+        metrics.register_collector(Box::new(vsock_metrics.clone()));
         let inner = Arc::new(Inner {
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
-            metrics: Arc::new(Metrics::new()),
+            metrics,
+            vsock_metrics,
             reports: opts.reports,
             state: Mutex::new(State::default()),
         });
@@ -526,8 +533,8 @@ impl Daemon {
             }
             let device = vsock::spawn(dev, self.inner.shutdown.clone())?;
             self.inner
-                .metrics
-                .add_vsock_device(&path.display().to_string(), device.counters());
+                .vsock_metrics
+                .add(&path.display().to_string(), device.counters());
             prepared.devices.insert(
                 path.clone(),
                 RunningVsock {
@@ -560,9 +567,7 @@ impl Daemon {
         for path in gone {
             if let Some(d) = st.vsock.remove(&path) {
                 info!(device = %path.display(), "vsock device removed");
-                self.inner
-                    .metrics
-                    .remove_vsock_device(&path.display().to_string());
+                self.inner.vsock_metrics.remove(&path.display().to_string());
                 d.device.stop();
                 d.device.stopped().await;
             }
@@ -600,7 +605,7 @@ impl Daemon {
                     Ok(l) => {
                         prepared.listeners.insert(id.clone(), l);
                     }
-                    Err(e) => warn!(watchdog = %id, "{}", crate::action::error_chain(&e)),
+                    Err(e) => warn!(watchdog = %id, "{}", crate::util::error_chain(&e)),
                 }
             }
         }

@@ -33,7 +33,8 @@ use crate::engine::{
 };
 use crate::metrics::WatchdogMetrics;
 use crate::protocol::{PULSE, PULSE_REPLY, frame};
-use crate::transport::{ChannelEvent, ConnId, ConnWriter, LogLimiter, Signal, TryWriteError};
+use crate::transport::{ChannelEvent, ConnId, ConnWriter, Signal, TryWriteError};
+use crate::util::LogLimiter;
 
 /// The engine's clock: tokio's (so tests can pause it), as the std type the engine takes.
 pub fn now() -> std::time::Instant {

@@ -90,7 +90,6 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::protocol::Message;
 pub use alive::AliveSpec;
 use alive::AliveSupervision;
 use conditions::Conditions;
@@ -181,27 +180,6 @@ pub enum Event<'a> {
     /// heard and starts again with its grace, as at awd's start, so a booting guest is not
     /// taken for a silent one. An EXPIRED watchdog becomes OK again.
     StartOver,
-}
-
-impl<'a> From<Message<'a>> for Event<'a> {
-    /// What a decoded line means to the engine; a guest's `CONDITION=` is set by the guest.
-    fn from(m: Message<'a>) -> Self {
-        match m {
-            Message::Trigger => Event::Trigger,
-            Message::SetTimeout(d) => Event::SetTimeout(d),
-            Message::Checkpoint(c) => Event::Checkpoint(c),
-            Message::Condition(name, value) => Event::Condition {
-                name,
-                value,
-                by: Setter::Guest,
-            },
-            Message::Heartbeat
-            | Message::Status(_)
-            | Message::Pulse
-            | Message::PulseReply
-            | Message::Rejected(_) => Event::Heartbeat,
-        }
-    }
 }
 
 /// Whose status changed.

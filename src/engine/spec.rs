@@ -15,7 +15,7 @@ use serde::Serialize;
 use super::alive::AliveSpec;
 use super::deadline::DeadlineSpec;
 use super::logical::LogicalSpec;
-use crate::protocol::valid_name;
+use crate::util::valid_name;
 
 /// The name of the plain timeout supervision, as `awd enable WATCHDOG/timeout` and the status
 /// show it. No other supervision may take it.

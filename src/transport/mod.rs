@@ -5,6 +5,9 @@
 //! touches a socket. Each connection registers a writer (`Connected::tx`) the watchdog uses for
 //! pulses and pulse replies.
 
+mod cidr;
+mod endpoint;
+pub mod limits;
 pub mod socket;
 pub mod vsock;
 
@@ -17,6 +20,9 @@ use tokio::sync::mpsc;
 
 use crate::metrics::WatchdogMetrics;
 use crate::protocol::{Decoder, Message, Rejection};
+use crate::util::LogLimiter;
+pub use cidr::{Cidr, CidrError};
+pub use endpoint::{Endpoint, SocketChardev, VsockChardev};
 
 /// Identifies one connection of a channel, unique in the process.
 pub type ConnId = u64;
@@ -116,48 +122,21 @@ pub enum ChannelEvent {
     },
 }
 
-/// Allows a burst of log lines, then one per `period`, counting what it suppressed.
-#[derive(Debug)]
-pub struct LogLimiter {
-    period: Duration,
-    burst: u32,
-    tokens: u32,
-    last: Option<std::time::Instant>,
-    suppressed: u64,
-}
-
-impl LogLimiter {
-    /// A limiter that allows `burst` lines at once, refilled at one per `period`.
-    pub fn new(burst: u32, period: Duration) -> Self {
-        LogLimiter {
-            period,
-            burst,
-            tokens: burst,
-            last: None,
-            suppressed: 0,
-        }
-    }
-
-    /// Whether a line may be logged now; if so, also returns how many were suppressed since
-    /// the last one.
-    pub fn allow(&mut self, now: std::time::Instant) -> Option<u64> {
-        if let Some(last) = self.last {
-            let refill = (now.saturating_duration_since(last).as_nanos()
-                / self.period.as_nanos().max(1)) as u32;
-            if refill > 0 {
-                self.tokens = self.tokens.saturating_add(refill).min(self.burst);
-                self.last = Some(now);
-            }
-        } else {
-            self.last = Some(now);
-        }
-        if self.tokens == 0 {
-            self.suppressed += 1;
-            return None;
-        }
-        self.tokens -= 1;
-        Some(std::mem::take(&mut self.suppressed))
-    }
+/// What a channel needs to feed its watchdog.
+#[derive(Debug, Clone)]
+pub struct ChannelContext {
+    /// The watchdog id, for logs.
+    pub watchdog: Arc<str>,
+    /// The chardev id, for logs.
+    pub channel: Arc<str>,
+    /// Where events go.
+    pub events: mpsc::Sender<ChannelEvent>,
+    /// Counters.
+    pub metrics: Arc<WatchdogMetrics>,
+    /// Set TCP_NODELAY on connections.
+    pub nodelay: bool,
+    /// Input messages per second that are parsed; the excess still proves life (`None`: all).
+    pub rate_limit: Option<u32>,
 }
 
 /// The receiving half of a channel: decodes bytes, counts and logs rejections, and turns the
@@ -499,16 +478,5 @@ mod tests {
             &mut out,
         );
         assert_eq!(kinds(&out), [("beat", 0), ("signal", 0)]);
-    }
-
-    #[test]
-    fn the_log_limiter_allows_a_burst_then_one_per_period() {
-        let t0 = std::time::Instant::now();
-        let mut l = LogLimiter::new(2, Duration::from_secs(1));
-        assert_eq!(l.allow(t0), Some(0));
-        assert_eq!(l.allow(t0), Some(0));
-        assert_eq!(l.allow(t0), None);
-        assert_eq!(l.allow(t0), None);
-        assert_eq!(l.allow(t0 + Duration::from_secs(1)), Some(2));
     }
 }

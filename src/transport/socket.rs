@@ -17,7 +17,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
@@ -31,13 +31,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use super::{ChannelEvent, Intake, LogLimiter, next_conn_id};
-use crate::config::{Cidr, Endpoint, SocketChardev};
-use crate::metrics::{EVICT_REASONS, WatchdogMetrics};
-/// A connection whose peer does not read its pulses for this long is closed.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Read buffer per connection.
-const READ_CHUNK: usize = 8 * 1024;
+use super::limits::{READ_CHUNK, WRITE_TIMEOUT};
+use super::{ChannelContext, ChannelEvent, Intake, next_conn_id};
+use super::{Cidr, Endpoint, SocketChardev};
+use crate::metrics::EVICT_REASONS;
+use crate::util::{LogLimiter, UnixPathGuard, bind_unix_std};
 
 /// Why a socket channel could not start.
 #[derive(Debug, thiserror::Error)]
@@ -64,61 +62,12 @@ pub enum Listener {
     Unix(UnixListener, UnixPathGuard),
 }
 
-/// Removes a Unix socket file when dropped.
-#[derive(Debug)]
-pub struct UnixPathGuard(PathBuf);
-
-impl Drop for UnixPathGuard {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 /// Binds a Unix socket, removing a stale socket file left by an earlier process (one nobody
 /// answers on). A live socket at the path is an error, as is any non-socket file.
 pub fn bind_unix(path: &Path) -> io::Result<(UnixListener, UnixPathGuard)> {
     let (l, guard) = bind_unix_std(path)?;
     l.set_nonblocking(true)?;
     Ok((UnixListener::from_std(l)?, guard))
-}
-
-impl UnixPathGuard {
-    /// Removes `path` when dropped.
-    pub fn new(path: PathBuf) -> UnixPathGuard {
-        UnixPathGuard(path)
-    }
-}
-
-/// [`bind_unix`] for code that runs on its own thread rather than on tokio (the vhost-user vsock
-/// device): the same stale-file handling, a blocking std listener.
-pub fn bind_unix_std(path: &Path) -> io::Result<(std::os::unix::net::UnixListener, UnixPathGuard)> {
-    clear_stale_socket(path)?;
-    let l = std::os::unix::net::UnixListener::bind(path)?;
-    Ok((l, UnixPathGuard(path.to_owned())))
-}
-
-/// Makes way for a socket at `path`: removes a stale socket file left by an earlier process
-/// (one nobody answers on). A live socket at the path is an error, as is any non-socket file.
-pub fn clear_stale_socket(path: &Path) -> io::Result<()> {
-    use std::os::unix::fs::FileTypeExt;
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                "a file that is not a socket is in the way",
-            ));
-        }
-        match std::os::unix::net::UnixStream::connect(path) {
-            Ok(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    "another process is listening there",
-                ));
-            }
-            Err(_) => std::fs::remove_file(path)?,
-        }
-    }
-    Ok(())
 }
 
 /// Binds the listening socket of a server chardev. Called before anything runs, so a port in
@@ -138,23 +87,6 @@ pub async fn bind(ch: &SocketChardev) -> Result<Listener, SocketError> {
             .map(|(l, g)| Listener::Unix(l, g))
             .map_err(err),
     }
-}
-
-/// What a channel needs to feed its watchdog.
-#[derive(Debug, Clone)]
-pub struct ChannelContext {
-    /// The watchdog id, for logs.
-    pub watchdog: Arc<str>,
-    /// The chardev id, for logs.
-    pub channel: Arc<str>,
-    /// Where events go.
-    pub events: mpsc::Sender<ChannelEvent>,
-    /// Counters.
-    pub metrics: Arc<WatchdogMetrics>,
-    /// Set TCP_NODELAY on connections.
-    pub nodelay: bool,
-    /// Input messages per second that are parsed; the excess still proves life (`None`: all).
-    pub rate_limit: Option<u32>,
 }
 
 /// Socket options for every TCP connection of a channel.
@@ -479,10 +411,13 @@ async fn accept(l: &Listener) -> io::Result<(Accepted, String, Option<SocketAddr
             .accept()
             .await
             .map(|(s, a)| (Accepted::Tcp(s), a.to_string(), Some(a))),
-        Listener::Unix(l, g) => l
-            .accept()
-            .await
-            .map(|(s, _)| (Accepted::Unix(s), format!("unix:{}", g.0.display()), None)),
+        Listener::Unix(l, g) => l.accept().await.map(|(s, _)| {
+            (
+                Accepted::Unix(s),
+                format!("unix:{}", g.path().display()),
+                None,
+            )
+        }),
     }
 }
 
@@ -668,7 +603,7 @@ async fn serve_connection<S>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::Metrics;
+    use crate::metrics::{Metrics, WatchdogMetrics};
 
     fn ms(v: u64) -> Duration {
         Duration::from_millis(v)

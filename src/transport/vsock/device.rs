@@ -40,8 +40,9 @@ use super::packet::{
 };
 use super::stats::{Malformed, VsockCounters};
 use super::tx::read_tx_chain;
-use crate::transport::socket::ChannelContext;
-use crate::transport::{ChannelEvent, ConnId, Intake, LogLimiter, next_conn_id};
+use crate::transport::ChannelContext;
+use crate::transport::{ChannelEvent, ConnId, Intake, next_conn_id};
+use crate::util::LogLimiter;
 
 /// Guest memory as the vhost-user daemon hands it over.
 pub type Mem = GuestMemoryAtomic<GuestMemoryMmap<()>>;

@@ -41,6 +41,7 @@
 //! `ChannelEvent::StartedOver`. A reload may give a port to another watchdog
 //! ([`VsockDevice::rebind`]); the port set and the CID stay as the device was started.
 
+mod collector;
 pub mod conn;
 pub mod device;
 pub mod packet;
@@ -67,7 +68,9 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::transport::socket::{self, ChannelContext, UnixPathGuard};
+use crate::transport::ChannelContext;
+use crate::util::{UnixPathGuard, bind_unix_std};
+pub use collector::VsockCollector;
 pub use device::VsockBackend;
 pub use stats::{Malformed, VsockCounters, VsockStats};
 
@@ -213,7 +216,7 @@ pub fn spawn(
 ) -> Result<VsockDevice, VsockError> {
     validate(&cfg)?;
     let path = cfg.socket_path.clone();
-    let (listener, guard) = socket::bind_unix_std(&path)
+    let (listener, guard) = bind_unix_std(&path)
         .and_then(|(l, g)| {
             // Accepting waits on epoll; the accept itself must never block.
             l.set_nonblocking(true)?;

@@ -26,8 +26,8 @@ use super::packet::{HEADER_SIZE, HOST_CID, Header, OP_REQUEST, OP_RW, TYPE_STREA
 use super::stats::VsockCounters;
 use super::{VsockPort, conn::BUF_ALLOC};
 use crate::metrics::{Metrics, WatchdogMetrics};
+use crate::transport::ChannelContext;
 use crate::transport::ChannelEvent;
-use crate::transport::socket::ChannelContext;
 
 /// Queue size used by the tests.
 pub const QSIZE: u16 = 256;

@@ -1,0 +1,72 @@
+//! Where a heartbeat channel is, as the transports take it: a TCP or Unix socket, server or
+//! client, with its connection policy; or a port on awd's vhost-user vsock device. The config
+//! module builds these from either syntax; the transports own them.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::cidr::Cidr;
+
+/// Where a socket chardev points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A TCP host and port.
+    Tcp {
+        /// Host name or address.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+    /// A Unix socket path.
+    Unix(PathBuf),
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Tcp { host, port } if host.contains(':') => write!(f, "tcp:[{host}]:{port}"),
+            Endpoint::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
+            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// A validated socket chardev.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketChardev {
+    /// Its id.
+    pub id: String,
+    /// Where it listens or connects.
+    pub endpoint: Endpoint,
+    /// Listen (true) or connect (false).
+    pub server: bool,
+    /// Client mode: the pause between connection attempts.
+    pub reconnect: Duration,
+    /// TCP_NODELAY on every connection.
+    pub nodelay: bool,
+    /// Server mode: the most connections held at once; when full, a new one evicts the
+    /// connection silent for longest.
+    pub max_connections: usize,
+    /// TCP server mode: the allowed peer ranges (empty: any peer).
+    pub peers: Vec<Cidr>,
+    /// TCP: keepalive and `TCP_USER_TIMEOUT` (`None`: the kernel's defaults).
+    pub tcp_user_timeout: Option<Duration>,
+    /// Input messages per second that are parsed (`None`: all).
+    pub rate_limit: Option<u32>,
+}
+
+/// A validated vhost-user vsock chardev: one listening vsock port on a vsock device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockChardev {
+    /// Its id.
+    pub id: String,
+    /// The vhost-user socket QEMU's `vhost-user-vsock-pci` connects to.
+    pub path: PathBuf,
+    /// The guest's CID.
+    pub guest_cid: u64,
+    /// The vsock port awd listens on for this chardev.
+    pub port: u32,
+    /// Input messages per second that are parsed (`None`: all).
+    pub rate_limit: Option<u32>,
+}
