@@ -14,10 +14,11 @@
 //! whose supervision or script changed is reconfigured in place (its connections stay, its
 //! supervision restarts from now); one whose channel changed is replaced.
 
+pub mod reload;
 pub mod systemd;
 pub mod watchdog;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -36,7 +37,10 @@ use crate::metrics::{Metrics, WatchdogMetrics};
 use crate::transport::ChannelEvent;
 use crate::transport::socket::{self, Listener, SocketError};
 use crate::transport::vsock::{self, VsockDevice, VsockDeviceConfig, VsockError, VsockPort};
-use crate::transport::{ChannelContext, SocketChardev, VsockChardev};
+use crate::transport::{ChannelContext, SocketChardev};
+use reload::{
+    Layout, Refusal, ReloadPlan, RunnerStep, VsockSpec, VsockStep, WatchdogSpec, WatchdogStep,
+};
 use watchdog::{Command, Control, Links, WatchdogStatus, WatchdogTask};
 
 /// How long a watchdog task has to answer a control request.
@@ -51,12 +55,10 @@ pub enum DaemonError {
     /// A vhost-user vsock device could not be set up.
     #[error(transparent)]
     Vsock(#[from] VsockError),
-    /// A reload would change the ports or CID of a running vsock device. QEMU 7.2 does not
-    /// reconnect a vhost-user-vsock device, so that needs a restart of awd and QEMU.
-    #[error(
-        "vsock device {0}: its ports or guest CID changed; restart awd (and QEMU) to apply that"
-    )]
-    VsockChanged(PathBuf),
+    /// A reload would change what cannot change while running (the ports or CID of a vsock
+    /// device).
+    #[error(transparent)]
+    Refused(#[from] Refusal),
 }
 
 /// Options that are not part of the watchdog configuration.
@@ -99,6 +101,36 @@ struct State {
     watchdogs: BTreeMap<String, Running>,
     runners: BTreeMap<String, RunningRunner>,
     vsock: BTreeMap<PathBuf, RunningVsock>,
+}
+
+impl State {
+    /// What runs, as the reload planner sees it.
+    fn layout(&self) -> Layout {
+        let watchdogs = self.watchdogs.iter().map(|(id, r)| {
+            let spec = WatchdogSpec {
+                cfg: r.cfg.clone(),
+                chardev: r.chardev.clone(),
+                node: r.node.clone(),
+            };
+            (id.clone(), spec)
+        });
+        let runners = self
+            .runners
+            .iter()
+            .map(|(id, r)| (id.clone(), r.chardev.clone()));
+        let vsock = self.vsock.iter().map(|(path, d)| {
+            let spec = VsockSpec {
+                guest_cid: d.guest_cid,
+                ports: d.ports.clone(),
+            };
+            (path.clone(), spec)
+        });
+        Layout {
+            watchdogs: watchdogs.collect(),
+            runners: runners.collect(),
+            vsock: vsock.collect(),
+        }
+    }
 }
 
 struct Inner {
@@ -170,6 +202,7 @@ type Channel = (
 );
 
 /// Bound listeners and spawned devices for the watchdogs a reload starts.
+#[derive(Default)]
 struct Prepared {
     listeners: BTreeMap<String, Listener>,
     channels: BTreeMap<String, Channel>,
@@ -410,322 +443,244 @@ impl Daemon {
         }
     }
 
-    /// Moves the running state to `cfg`.
+    /// Moves the running state to `cfg`: plans the change ([`reload`]; refused as a whole if it
+    /// cannot be made while running), binds and spawns what the started watchdogs need (an
+    /// error there also leaves everything as it was), then carries the plan out.
     async fn apply(&self, cfg: Config) -> Result<ReloadSummary, DaemonError> {
         for note in &cfg.notes {
             info!("{note}");
         }
         let mut st = self.inner.state.lock().await;
-        let mut summary = ReloadSummary::default();
+        let plan = ReloadPlan::new(&st.layout(), &cfg)?;
+        let mut prepared = self.prepare(&plan).await?;
 
-        // Plan: what happens to each watchdog.
-        let new_ids: BTreeSet<&str> = cfg.watchdogs.iter().map(|w| w.id.as_str()).collect();
-        let removed: Vec<String> = st
-            .watchdogs
-            .keys()
-            .filter(|id| !new_ids.contains(id.as_str()))
-            .cloned()
-            .collect();
-        let mut start = Vec::new(); // added or replaced
-        let mut reconfigure = Vec::new();
-        for w in &cfg.watchdogs {
-            let chardev = cfg.chardevs[&w.awd_node].clone();
-            let node = node_of(&cfg, w);
-            match st.watchdogs.get(&w.id) {
-                None => {
-                    summary.added.push(w.id.clone());
-                    start.push(w);
-                }
-                Some(r) if r.chardev != chardev => {
-                    summary.replaced.push(w.id.clone());
-                    start.push(w);
-                }
-                Some(r) if r.cfg != *w || r.node != node => {
-                    summary.changed.push(w.id.clone());
-                    reconfigure.push(w);
-                }
-                Some(_) => summary.kept += 1,
+        // From here on nothing can fail as a whole.
+        // 1. Stop removed and replaced watchdogs, then update the vsock devices and bind what
+        //    the stopped watchdogs held.
+        let (removed, replaced) = (WatchdogStep::Remove, WatchdogStep::Replace);
+        for id in plan.ids(removed).chain(plan.ids(replaced)) {
+            let Some(r) = st.watchdogs.remove(id) else {
+                continue;
+            };
+            r.token.cancel();
+            r.tasks.close();
+            r.tasks.wait().await;
+            if plan.watchdogs.get(id) == Some(&removed) {
+                self.inner.metrics.remove_watchdog(id, &r.cfg.awd_node);
+                info!(watchdog = %id, "watchdog removed");
             }
         }
-        summary.removed = removed.clone();
-
-        // vsock devices: the port set and CID of a running device cannot change; which
-        // watchdog a port feeds can (a renamed chardev, a watchdog moved to another port).
-        let mut wanted_devices: BTreeMap<PathBuf, (u64, BTreeMap<u32, String>)> = BTreeMap::new();
-        for w in &cfg.watchdogs {
-            if let Chardev::Vsock(VsockChardev {
-                path,
-                guest_cid,
-                port,
-                ..
-            }) = &cfg.chardevs[&w.awd_node]
-            {
-                wanted_devices
-                    .entry(path.clone())
-                    .or_insert_with(|| (*guest_cid, BTreeMap::new()))
-                    .1
-                    .insert(*port, w.id.clone());
-            }
-        }
-        for (path, (cid, ports)) in &wanted_devices {
-            if let Some(d) = st.vsock.get(path)
-                && (d.guest_cid != *cid || !d.ports.keys().eq(ports.keys()))
-            {
-                return Err(DaemonError::VsockChanged(path.clone()));
+        self.update_vsock(&mut st, &plan, &mut prepared).await;
+        for id in &plan.late_bind {
+            let chardev = plan.target.watchdogs.get(id).map(|w| &w.chardev);
+            let Some(Chardev::Socket(s)) = chardev else {
+                continue;
+            };
+            match socket::bind(s).await {
+                Ok(l) => {
+                    prepared.listeners.insert(id.clone(), l);
+                }
+                Err(e) => warn!(watchdog = %id, "{}", crate::util::error_chain(&e)),
             }
         }
 
-        // Bind what new watchdogs need, before touching anything that runs. Replaced
-        // watchdogs whose endpoint is still held by their old self are bound after it stops.
-        let held: BTreeSet<String> = st
-            .watchdogs
-            .values()
-            .filter_map(|r| match &r.chardev {
-                Chardev::Socket(s) if s.server => Some(s.endpoint.to_string()),
-                _ => None,
-            })
-            .collect();
-        let mut prepared = Prepared {
-            listeners: BTreeMap::new(),
-            channels: BTreeMap::new(),
-            devices: BTreeMap::new(),
-        };
-        let mut late_bind = Vec::new();
-        for w in &start {
-            if let Chardev::Socket(s) = &cfg.chardevs[&w.awd_node]
+        // 2. Runners: one per notification node; stop the stale ones, then start the new.
+        for id in plan.runner_ids(|s| matches!(s, RunnerStep::Swap | RunnerStep::Stop)) {
+            if let Some(r) = st.runners.remove(id) {
+                r.token.cancel();
+                self.inner.metrics.remove_node(id);
+            }
+        }
+        for id in plan.runner_ids(|s| matches!(s, RunnerStep::Start | RunnerStep::Swap)) {
+            if let Some(chardev) = plan.target.runners.get(id) {
+                self.start_runner(&mut st, id, chardev);
+            }
+        }
+
+        // 3. Reconfigure in place; this includes every watchdog whose runner was swapped.
+        for id in plan.ids(WatchdogStep::Change) {
+            let Some(w) = plan.target.watchdogs.get(id) else {
+                continue;
+            };
+            let l = links(&st, &w.cfg);
+            if let Some(r) = st.watchdogs.get_mut(id) {
+                let _ = r
+                    .control
+                    .send(Control::Reconfigure(Box::new((w.cfg.clone(), l))))
+                    .await;
+                r.cfg = w.cfg.clone();
+                r.node = w.node.clone();
+            }
+        }
+
+        // 4. Start added and replaced watchdogs.
+        for (id, w) in plan.starting() {
+            if let Some(channel) = prepared.channels.remove(id) {
+                let listener = prepared.listeners.remove(id);
+                self.start_watchdog(&mut st, w, channel, listener);
+            }
+        }
+        Ok(plan.summary())
+    }
+
+    /// Binds the listeners and spawns the vsock devices the plan's started watchdogs need, and
+    /// makes their event channels. Listeners a running watchdog still holds are left for
+    /// later ([`ReloadPlan::late_bind`]).
+    async fn prepare(&self, plan: &ReloadPlan) -> Result<Prepared, DaemonError> {
+        let mut p = Prepared::default();
+        for (id, w) in plan.starting() {
+            if let Chardev::Socket(s) = &w.chardev
                 && s.server
+                && !plan.late_bind.contains(id)
             {
-                if held.contains(&s.endpoint.to_string()) {
-                    late_bind.push(w.id.clone());
-                } else {
-                    prepared
-                        .listeners
-                        .insert(w.id.clone(), socket::bind(s).await?);
-                }
+                p.listeners.insert(id.clone(), socket::bind(s).await?);
             }
             let (tx, rx) = mpsc::channel(watchdog::EVENT_QUEUE);
-            let wm = self.inner.metrics.watchdog(&w.id, &w.awd_node);
-            prepared.channels.insert(w.id.clone(), (tx, rx, wm));
+            let wm = self.inner.metrics.watchdog(id, &w.cfg.awd_node);
+            p.channels.insert(id.clone(), (tx, rx, wm));
         }
-        for (path, (cid, ports)) in &wanted_devices {
-            if st.vsock.contains_key(path) {
+        for (path, step) in &plan.vsock {
+            let (VsockStep::Spawn, Some(spec)) = (step, plan.target.vsock.get(path)) else {
                 continue;
-            }
+            };
             let mut dev = VsockDeviceConfig {
                 socket_path: path.clone(),
-                guest_cid: *cid,
+                guest_cid: spec.guest_cid,
                 ports: Vec::new(),
             };
-            for (port, id) in ports {
-                let Some((tx, _, wm)) = prepared.channels.get(id) else {
+            for (port, id) in &spec.ports {
+                let (Some((tx, _, wm)), Some(w)) =
+                    (p.channels.get(id), plan.target.watchdogs.get(id))
+                else {
                     continue;
                 };
-                let w = cfg
-                    .watchdogs
-                    .iter()
-                    .find(|w| &w.id == id)
-                    .expect("planned above");
                 dev.ports.push(VsockPort {
                     port: *port,
-                    ctx: context(w, tx.clone(), wm.clone(), &cfg.chardevs[&w.awd_node]),
+                    ctx: context(&w.cfg, tx.clone(), wm.clone(), &w.chardev),
                 });
-                info!(watchdog = %id, channel = %w.awd_node, "vsock port {port} on {}", path.display());
+                info!(watchdog = %id, channel = %w.cfg.awd_node, "vsock port {port} on {}", path.display());
             }
             let device = vsock::spawn(dev, self.inner.shutdown.clone())?;
             self.inner
                 .vsock_metrics
                 .add(&path.display().to_string(), device.counters());
-            prepared.devices.insert(
-                path.clone(),
-                RunningVsock {
-                    device,
-                    guest_cid: *cid,
-                    ports: ports.clone(),
-                },
-            );
+            let running = RunningVsock {
+                device,
+                guest_cid: spec.guest_cid,
+                ports: spec.ports.clone(),
+            };
+            p.devices.insert(path.clone(), running);
         }
+        Ok(p)
+    }
 
-        // From here on nothing can fail as a whole.
-        // 1. Stop removed and replaced watchdogs, and vsock devices nobody uses any more.
-        for id in removed.iter().chain(summary.replaced.iter()) {
-            if let Some(r) = st.watchdogs.remove(id) {
-                r.token.cancel();
-                r.tasks.close();
-                r.tasks.wait().await;
-                if removed.contains(id) {
-                    self.inner.metrics.remove_watchdog(id, &r.cfg.awd_node);
-                    info!(watchdog = %id, "watchdog removed");
-                }
-            }
-        }
-        let gone: Vec<PathBuf> = st
-            .vsock
-            .keys()
-            .filter(|p| !wanted_devices.contains_key(*p))
-            .cloned()
-            .collect();
-        for path in gone {
-            if let Some(d) = st.vsock.remove(&path) {
+    /// Stops the vsock devices nobody uses any more; on running ones, a port whose watchdog
+    /// starts anew (added or replaced) feeds the new one from now on, its guest connections
+    /// kept; then the spawned devices join the running ones.
+    async fn update_vsock(&self, st: &mut State, plan: &ReloadPlan, prepared: &mut Prepared) {
+        for (path, _) in plan.vsock.iter().filter(|(_, s)| **s == VsockStep::Remove) {
+            if let Some(d) = st.vsock.remove(path) {
                 info!(device = %path.display(), "vsock device removed");
                 self.inner.vsock_metrics.remove(&path.display().to_string());
                 d.device.stop();
                 d.device.stopped().await;
             }
         }
-        // Running devices: a port whose watchdog starts anew (added or replaced) feeds the
-        // new one from now on, its guest connections kept.
-        for (path, (_, ports)) in &wanted_devices {
-            let Some(d) = st.vsock.get_mut(path) else {
+        for (path, step) in &plan.vsock {
+            let (VsockStep::Keep { rebind }, Some(d), Some(spec)) =
+                (step, st.vsock.get_mut(path), plan.target.vsock.get(path))
+            else {
                 continue;
             };
-            for (port, id) in ports {
-                let (Some((tx, _, wm)), Some(w)) = (
-                    prepared.channels.get(id),
-                    cfg.watchdogs.iter().find(|w| &w.id == id),
-                ) else {
+            for (port, id) in rebind {
+                let (Some((tx, _, wm)), Some(w)) =
+                    (prepared.channels.get(id), plan.target.watchdogs.get(id))
+                else {
                     continue;
                 };
-                d.device.rebind(
-                    *port,
-                    context(w, tx.clone(), wm.clone(), &cfg.chardevs[&w.awd_node]),
-                );
-                info!(watchdog = %id, channel = %w.awd_node, "vsock port {port} on {}", path.display());
+                let ctx = context(&w.cfg, tx.clone(), wm.clone(), &w.chardev);
+                d.device.rebind(*port, ctx);
+                info!(watchdog = %id, channel = %w.cfg.awd_node, "vsock port {port} on {}", path.display());
             }
-            d.ports = ports.clone();
+            d.ports = spec.ports.clone();
         }
-        st.vsock.extend(prepared.devices);
-        for id in &late_bind {
-            let w = cfg
-                .watchdogs
-                .iter()
-                .find(|w| &w.id == id)
-                .expect("planned above");
-            if let Chardev::Socket(s) = &cfg.chardevs[&w.awd_node] {
-                match socket::bind(s).await {
-                    Ok(l) => {
-                        prepared.listeners.insert(id.clone(), l);
-                    }
-                    Err(e) => warn!(watchdog = %id, "{}", crate::util::error_chain(&e)),
-                }
-            }
-        }
+        st.vsock.extend(std::mem::take(&mut prepared.devices));
+    }
 
-        // 2. Runners: one per notification node; keep those whose chardev did not change.
-        let mut wanted_nodes: BTreeMap<String, SocketChardev> = BTreeMap::new();
-        for w in &cfg.watchdogs {
-            if let Some(node) = node_of(&cfg, w) {
-                wanted_nodes.insert(node.id.clone(), node);
-            }
+    /// Starts the action runner of notification node `id`.
+    fn start_runner(&self, st: &mut State, id: &str, chardev: &SocketChardev) {
+        let (mut runner, handle) = Runner::new(chardev.clone());
+        runner = runner.with_backlog_gauge(self.inner.metrics.node_backlog(id));
+        if let Some(tx) = &self.inner.reports {
+            runner = runner.with_reports(tx.clone());
         }
-        let stale: Vec<String> = st
-            .runners
-            .iter()
-            .filter(|(id, r)| wanted_nodes.get(*id) != Some(&r.chardev))
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in stale {
-            if let Some(r) = st.runners.remove(&id) {
-                r.token.cancel();
-                self.inner.metrics.remove_node(&id);
-            }
-        }
-        for (id, chardev) in wanted_nodes {
-            if st.runners.contains_key(&id) {
-                continue;
-            }
-            let (mut runner, handle) = Runner::new(chardev.clone());
-            runner = runner.with_backlog_gauge(self.inner.metrics.node_backlog(&id));
-            if let Some(tx) = &self.inner.reports {
-                runner = runner.with_reports(tx.clone());
-            }
-            let token = self.inner.shutdown.child_token();
-            self.inner.tracker.spawn(runner.run(token.clone()));
-            st.runners.insert(
-                id,
-                RunningRunner {
-                    chardev,
-                    handle,
-                    token,
-                },
-            );
-        }
-        let links = |st: &State, w: &WatchdogConfig| {
-            let runner = w
-                .notification_node
-                .as_ref()
-                .and_then(|n| st.runners.get(n))
-                .map(|r| r.handle.clone());
-            let vm = runner.as_ref().map(RunnerHandle::vm_state);
-            Links { runner, vm }
+        let token = self.inner.shutdown.child_token();
+        self.inner.tracker.spawn(runner.run(token.clone()));
+        let running = RunningRunner {
+            chardev: chardev.clone(),
+            handle,
+            token,
         };
+        st.runners.insert(id.to_owned(), running);
+    }
 
-        // 3. Reconfigure in place; also every kept watchdog whose runner was replaced.
-        for w in &reconfigure {
-            let l = links(&st, w);
-            let node = node_of(&cfg, w);
-            if let Some(r) = st.watchdogs.get_mut(&w.id) {
-                let _ = r
-                    .control
-                    .send(Control::Reconfigure(Box::new(((*w).clone(), l))))
-                    .await;
-                r.cfg = (*w).clone();
-                r.node = node;
-            }
-        }
-
-        // 4. Start added and replaced watchdogs.
-        for w in start {
-            let Some((tx, rx, wm)) = prepared.channels.remove(&w.id) else {
-                continue;
-            };
-            let token = self.inner.shutdown.child_token();
-            let tasks = TaskTracker::new();
-            let (control_tx, control_rx) = mpsc::channel(16);
-            let task = WatchdogTask::new(w, rx, control_rx, wm.clone(), links(&st, w));
-            tasks.spawn(task.run(token.clone()));
-            let chardev = cfg.chardevs[&w.awd_node].clone();
-            if let Chardev::Socket(s) = &chardev {
-                let ctx = context(w, tx.clone(), wm, &chardev);
-                match prepared.listeners.remove(&w.id) {
-                    Some(l) => {
-                        let policy = socket::ServerPolicy::of(s, w.timeout);
-                        info!(watchdog = %w.id, channel = %w.awd_node, max_connections = policy.max_connections,
-                            "listening on {}", s.endpoint);
-                        tasks.spawn(socket::serve(l, policy, ctx, token.clone()));
-                    }
-                    None if s.server => {}
-                    None => {
-                        info!(watchdog = %w.id, channel = %w.awd_node, "connecting to {}", s.endpoint);
-                        tasks.spawn(socket::connect_loop(s.clone(), ctx, token.clone()));
-                    }
+    /// Starts a watchdog task and its socket transport (a vsock port was bound to its channel
+    /// already). A listening chardev without `listener` could not be bound: no transport.
+    fn start_watchdog(
+        &self,
+        st: &mut State,
+        w: &WatchdogSpec,
+        (tx, rx, wm): Channel,
+        listener: Option<Listener>,
+    ) {
+        let token = self.inner.shutdown.child_token();
+        let tasks = TaskTracker::new();
+        let (control_tx, control_rx) = mpsc::channel(16);
+        let task = WatchdogTask::new(&w.cfg, rx, control_rx, wm.clone(), links(st, &w.cfg));
+        tasks.spawn(task.run(token.clone()));
+        let (id, node) = (&w.cfg.id, &w.cfg.awd_node);
+        if let Chardev::Socket(s) = &w.chardev {
+            let ctx = context(&w.cfg, tx.clone(), wm, &w.chardev);
+            match listener {
+                Some(l) => {
+                    let policy = socket::ServerPolicy::of(s, w.cfg.timeout);
+                    info!(watchdog = %id, channel = %node, max_connections = policy.max_connections,
+                        "listening on {}", s.endpoint);
+                    tasks.spawn(socket::serve(l, policy, ctx, token.clone()));
+                }
+                None if s.server => {}
+                None => {
+                    info!(watchdog = %id, channel = %node, "connecting to {}", s.endpoint);
+                    tasks.spawn(socket::connect_loop(s.clone(), ctx, token.clone()));
                 }
             }
-            self.inner.tracker.spawn({
-                let tasks = tasks.clone();
-                async move { tasks.wait().await }
-            });
-            st.watchdogs.insert(
-                w.id.clone(),
-                Running {
-                    cfg: w.clone(),
-                    chardev,
-                    node: node_of(&cfg, w),
-                    token,
-                    tasks,
-                    control: control_tx,
-                },
-            );
         }
-        Ok(summary)
+        self.inner.tracker.spawn({
+            let tasks = tasks.clone();
+            async move { tasks.wait().await }
+        });
+        let running = Running {
+            cfg: w.cfg.clone(),
+            chardev: w.chardev.clone(),
+            node: w.node.clone(),
+            token,
+            tasks,
+            control: control_tx,
+        };
+        st.watchdogs.insert(id.clone(), running);
     }
 }
 
-/// The socket chardev of a watchdog's notification node.
-fn node_of(cfg: &Config, w: &WatchdogConfig) -> Option<SocketChardev> {
-    match w.notification_node.as_ref().map(|n| &cfg.chardevs[n]) {
-        Some(Chardev::Socket(s)) => Some(s.clone()),
-        _ => None,
-    }
+/// What a watchdog task reaches: the runner of its notification node and the VM state it
+/// reports.
+fn links(st: &State, w: &WatchdogConfig) -> Links {
+    let runner = w
+        .notification_node
+        .as_ref()
+        .and_then(|n| st.runners.get(n))
+        .map(|r| r.handle.clone());
+    let vm = runner.as_ref().map(RunnerHandle::vm_state);
+    Links { runner, vm }
 }
 
 fn context(
