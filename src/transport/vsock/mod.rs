@@ -40,9 +40,27 @@
 //! the rings restart from index 0 after a stop), every port's watchdog hears
 //! `ChannelEvent::StartedOver`. A reload may give a port to another watchdog
 //! ([`VsockDevice::rebind`]); the port set and the CID stay as the device was started.
+//!
+//! # Files
+//!
+//! | file | job |
+//! |---|---|
+//! | `mod.rs` | the device as awd runs it: its configuration, [`spawn`], the serving thread, stopping |
+//! | [`device`] (`device/mod.rs`) | the vhost-user backend: its state, its lifecycle (frontends, start-overs, re-binding), the vhost-user trait, which dispatches to the three below |
+//! | `device/tx.rs` | guest packets off the tx queue, and the connection state each one changes |
+//! | `device/rx.rs` | what goes to the guest next on the rx queue: resets, then each connection in turn |
+//! | `device/delivery.rs` | the only code that sends to the watchdogs: order, coalesced heartbeats, backlog, retry timer |
+//! | [`tx`] | reading one tx packet out of a descriptor chain, wherever the guest put its bytes |
+//! | [`packet`] | the packet header and the protocol's constants |
+//! | [`conn`] | one connection: its credit, its outbox, the writer the watchdog gets |
+//! | [`limits`] | every bound and tunable of the device, each with the reason for its value |
+//! | [`stats`] | the device's counters |
+//! | `test_driver.rs` | unit tests only: a fake guest driver on real virtqueues in guest memory |
+//! | `device/tests/` | unit tests of the whole device through that driver, one theme per file, and its property tests |
 
 pub mod conn;
 pub mod device;
+pub mod limits;
 pub mod packet;
 pub mod stats;
 #[cfg(test)]
