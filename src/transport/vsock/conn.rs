@@ -14,16 +14,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::limits::{BUF_ALLOC, CREDIT_UPDATE_THRESHOLD, OUTBOX_MAX_BYTES, OUTBOX_MAX_CHUNKS};
 use crate::transport::{ConnId, ConnWriter, Intake, TryWriteError};
-
-/// The receive buffer awd advertises to the guest for each connection.
-pub const BUF_ALLOC: u32 = 64 * 1024;
-/// Once this many consumed bytes have not been reported to the guest, a CREDIT_UPDATE is due.
-pub const CREDIT_UPDATE_THRESHOLD: u32 = BUF_ALLOC / 4;
-/// Most bytes an outbox holds; a write beyond it is refused with `Full`.
-pub const OUTBOX_MAX_BYTES: usize = 16 * 1024;
-/// Most separate writes an outbox holds.
-pub const OUTBOX_MAX_CHUNKS: usize = 64;
 
 /// Both directions' credit counters of one connection.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -78,7 +70,7 @@ impl Credit {
         (BUF_ALLOC, self.fwd_cnt)
     }
 
-    /// awd's `fwd_cnt`.
+    /// awd's `fwd_cnt`: guest payload bytes consumed, ever (wrapping).
     pub fn fwd_cnt(&self) -> u32 {
         self.fwd_cnt
     }
@@ -144,7 +136,7 @@ impl Outbox {
         self.lock().chunks.is_empty()
     }
 
-    /// Bytes queued.
+    /// Bytes queued, all chunks together.
     pub fn len(&self) -> usize {
         self.lock().bytes
     }
@@ -199,7 +191,7 @@ pub struct Conn {
     pub intake: Intake,
     /// What the watchdog wants sent.
     pub outbox: Arc<Outbox>,
-    /// Credit counters.
+    /// Both directions' credit counters.
     pub credit: Credit,
     /// An OP_RESPONSE is owed.
     pub need_response: bool,

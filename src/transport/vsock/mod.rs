@@ -40,10 +40,28 @@
 //! the rings restart from index 0 after a stop), every port's watchdog hears
 //! `ChannelEvent::StartedOver`. A reload may give a port to another watchdog
 //! ([`VsockDevice::rebind`]); the port set and the CID stay as the device was started.
+//!
+//! # Files
+//!
+//! | file | job |
+//! |---|---|
+//! | `mod.rs` | the device as awd runs it: its configuration, [`spawn`], the serving thread, stopping |
+//! | [`device`] (`device/mod.rs`) | the vhost-user backend: its state, its lifecycle (frontends, start-overs, re-binding), the vhost-user trait, which dispatches to the three below |
+//! | `device/tx.rs` | guest packets off the tx queue, and the connection state each one changes |
+//! | `device/rx.rs` | what goes to the guest next on the rx queue: resets, then each connection in turn |
+//! | `device/delivery.rs` | the only code that sends to the watchdogs: order, coalesced heartbeats, backlog, retry timer |
+//! | [`tx`] | reading one tx packet out of a descriptor chain, wherever the guest put its bytes |
+//! | [`packet`] | the packet header and the protocol's constants |
+//! | [`conn`] | one connection: its credit, its outbox, the writer the watchdog gets |
+//! | [`limits`] | every bound and tunable of the device, each with the reason for its value |
+//! | [`stats`] | the device's counters |
+//! | `test_driver.rs` | unit tests only: a fake guest driver on real virtqueues in guest memory |
+//! | `device/tests/` | unit tests of the whole device through that driver, one theme per file, and its property tests |
 
 mod collector;
 pub mod conn;
 pub mod device;
+pub mod limits;
 pub mod packet;
 pub mod stats;
 #[cfg(test)]
@@ -110,7 +128,7 @@ pub enum VsockError {
     Bind {
         /// The socket path.
         path: PathBuf,
-        /// Why.
+        /// The bind error (address in use, permission denied, a non-socket file there).
         #[source]
         source: io::Error,
     },
@@ -119,7 +137,7 @@ pub enum VsockError {
     EventFd {
         /// The socket path.
         path: PathBuf,
-        /// Why.
+        /// The system call's error (usually the descriptor limit).
         #[source]
         source: io::Error,
     },
@@ -128,7 +146,7 @@ pub enum VsockError {
     Thread {
         /// The socket path.
         path: PathBuf,
-        /// Why.
+        /// The error from spawning the thread (out of memory or thread limit).
         #[source]
         source: io::Error,
     },
@@ -388,13 +406,17 @@ impl Server {
         let mut events = [EpollEvent::default(); 2];
         while !self.ctl.stopping() {
             // Between frontends nobody else retries events waiting for a full watchdog channel.
-            let timeout = if self.backend().has_backlog() { 20 } else { -1 };
+            let timeout = if self.backend().has_backlog() {
+                limits::IDLE_RETRY_MS
+            } else {
+                -1
+            };
             let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     error!(device = &*self.name, "waiting for QEMU failed: {e}");
-                    thread::sleep(Duration::from_millis(100));
+                    thread::sleep(limits::WAIT_ERROR_PAUSE);
                     continue;
                 }
             };
@@ -422,7 +444,7 @@ impl Server {
                         device = &*self.name,
                         "cannot set up for a QEMU connection: {e}"
                     );
-                    thread::sleep(Duration::from_secs(1));
+                    thread::sleep(limits::SETUP_ERROR_PAUSE);
                     return;
                 }
             };
@@ -490,15 +512,17 @@ impl Server {
 /// Waits (bounded) until only `workers` itself holds the epoll handlers: each worker thread
 /// keeps a clone until its loop has returned.
 fn wait_for_workers<T>(name: &str, workers: &[Arc<T>]) {
-    for _ in 0..2000 {
+    let step = Duration::from_millis(1);
+    for _ in 0..limits::WORKER_STOP_WAIT.as_millis() {
         if workers.iter().all(|w| Arc::strong_count(w) == 1) {
             return;
         }
-        thread::sleep(Duration::from_millis(1));
+        thread::sleep(step);
     }
     warn!(
         device = name,
-        "a vring worker thread did not stop within 2 s"
+        "a vring worker thread did not stop within {} s",
+        limits::WORKER_STOP_WAIT.as_secs()
     );
 }
 

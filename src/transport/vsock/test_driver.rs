@@ -13,7 +13,9 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::bindings::virtio_ring::{
+    VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::mock::{DescriptorTable, MockSplitQueue};
@@ -21,10 +23,11 @@ use vm_memory::{Address as _, Bytes as _, GuestAddress, GuestMemoryAtomic, Guest
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use super::VsockPort;
 use super::device::{NUM_QUEUES, RX_QUEUE, TX_QUEUE, VsockBackend};
+use super::limits::BUF_ALLOC;
 use super::packet::{HEADER_SIZE, HOST_CID, Header, OP_REQUEST, OP_RW, TYPE_STREAM};
 use super::stats::VsockCounters;
-use super::{VsockPort, conn::BUF_ALLOC};
 use crate::metrics::{Metrics, WatchdogMetrics};
 use crate::transport::ChannelContext;
 use crate::transport::ChannelEvent;
@@ -44,12 +47,48 @@ pub const RX_BUF: u32 = 4096;
 /// One descriptor as a test writes it.
 #[derive(Debug, Clone, Copy)]
 pub struct Desc {
-    /// Guest address.
+    /// Guest address of its buffer.
     pub addr: u64,
-    /// Length.
+    /// Length of its buffer in bytes.
     pub len: u32,
-    /// Device-writable.
+    /// The device may write the buffer (an rx buffer) rather than only read it.
     pub write: bool,
+}
+
+/// How a tx packet is laid out in descriptors, for [`Driver::push_layout`].
+#[derive(Debug, Clone)]
+pub enum Layout {
+    /// Header and payload in one descriptor of `HEADER_SIZE + payload + extra - short`.
+    One {
+        /// Slack after the payload.
+        extra: u32,
+        /// Bytes cut off the end.
+        short: u32,
+    },
+    /// Header descriptor, data descriptor, each with an arbitrary length and direction.
+    Two {
+        /// The header descriptor's length.
+        head_len: u32,
+        /// The data descriptor's length.
+        data_len: u32,
+        /// The header descriptor is device-writable.
+        head_write: bool,
+        /// The data descriptor is device-writable.
+        data_write: bool,
+    },
+    /// Header descriptor followed by the payload split over three descriptors.
+    Split,
+    /// Descriptors with arbitrary flags and links (loops, indirect, dangling), each
+    /// `(len, flag bits, next)`: bit 0 NEXT, bit 1 WRITE, bit 2 INDIRECT; `next` relative to
+    /// the head, as [`DriverRing::push_raw`] takes it.
+    Raw(Vec<(u32, u16, u16)>),
+    /// A header descriptor outside guest memory.
+    Outside {
+        /// Its guest address.
+        addr: u64,
+        /// Its length.
+        len: u32,
+    },
 }
 
 /// The driver side of one split queue.
@@ -186,11 +225,11 @@ impl DriverRing {
 /// A port's receiving end, as the watchdog task would hold it.
 #[derive(Debug)]
 pub struct Watch {
-    /// The port.
+    /// The vsock port whose events it receives.
     pub port: u32,
     /// Events from the device.
     pub rx: mpsc::Receiver<ChannelEvent>,
-    /// Its counters.
+    /// The watchdog's metrics (its open connection gauge).
     pub metrics: Arc<WatchdogMetrics>,
 }
 
@@ -202,9 +241,9 @@ pub struct Driver {
     pub vrings: Vec<VringRwLock>,
     /// rx (0), tx (1), event (2).
     pub rings: Vec<DriverRing>,
-    /// The device.
+    /// The device under test.
     pub backend: VsockBackend,
-    /// Its counters.
+    /// The device's counters.
     pub counters: Arc<VsockCounters>,
     /// The writers' wake-up eventfd.
     pub wake: Arc<EventFd>,
@@ -327,6 +366,113 @@ impl Driver {
     pub fn push_tx(&mut self, descs: &[Desc]) -> u16 {
         let ring = &mut self.rings[usize::from(TX_QUEUE)];
         ring.push(&self.mem, descs)
+    }
+
+    /// Sends a tx chain, runs the device, and checks it came back used with length 0.
+    pub fn send_chain(&mut self, descs: &[Desc]) {
+        let head = self.push_tx(descs);
+        self.event(TX_QUEUE);
+        let used = self.rings[usize::from(TX_QUEUE)].used(&self.mem);
+        assert_eq!(used, vec![(u32::from(head), 0)], "the chain was returned");
+    }
+
+    /// Writes `h` into the buffer of the next tx chain head; data may go at +0x100.
+    pub fn header_at(&mut self, h: &Header) -> u64 {
+        let addr = self.rings[usize::from(TX_QUEUE)].next_buffer();
+        self.mem
+            .write_slice(&h.encode(), GuestAddress(addr))
+            .expect("header");
+        addr
+    }
+
+    /// Writes the packet into the next tx slot's buffer and queues descriptors per `layout`
+    /// (without running the device).
+    pub fn push_layout(&mut self, h: &Header, payload: &[u8], layout: &Layout) {
+        let base = self.rings[usize::from(TX_QUEUE)].next_buffer();
+        self.mem
+            .write_slice(&h.encode(), GuestAddress(base))
+            .expect("header");
+        let data = base + 0x100;
+        self.mem
+            .write_slice(payload, GuestAddress(data))
+            .expect("payload");
+        let ro = |addr, len| Desc {
+            addr,
+            len,
+            write: false,
+        };
+        let n = payload.len() as u32;
+        let ring = &mut self.rings[usize::from(TX_QUEUE)];
+        match layout {
+            Layout::One { extra, short } => {
+                self.mem
+                    .write_slice(payload, GuestAddress(base + HEADER_SIZE as u64))
+                    .expect("payload");
+                let len = (HEADER_SIZE as u32 + n + extra).saturating_sub(*short);
+                ring.push(&self.mem, &[ro(base, len)]);
+            }
+            Layout::Two {
+                head_len,
+                data_len,
+                head_write,
+                data_write,
+            } => {
+                let descs = [
+                    Desc {
+                        addr: base,
+                        len: *head_len,
+                        write: *head_write,
+                    },
+                    Desc {
+                        addr: data,
+                        len: *data_len,
+                        write: *data_write,
+                    },
+                ];
+                ring.push(&self.mem, &descs);
+            }
+            Layout::Split => {
+                let third = n / 3;
+                ring.push(
+                    &self.mem,
+                    &[
+                        ro(base, HEADER_SIZE as u32),
+                        ro(data, third),
+                        ro(data + u64::from(third), third),
+                        ro(data + u64::from(2 * third), n - 2 * third),
+                    ],
+                );
+            }
+            Layout::Raw(descs) => {
+                let raw: Vec<_> = descs
+                    .iter()
+                    .map(|&(len, flag_bits, next)| {
+                        let mut flags = 0u16;
+                        if flag_bits & 1 != 0 {
+                            flags |= VRING_DESC_F_NEXT as u16;
+                        }
+                        if flag_bits & 2 != 0 {
+                            flags |= VRING_DESC_F_WRITE as u16;
+                        }
+                        if flag_bits & 4 != 0 {
+                            flags |= VRING_DESC_F_INDIRECT as u16;
+                        }
+                        (base, len, flags, next)
+                    })
+                    .collect();
+                ring.push_raw(&self.mem, &raw);
+            }
+            Layout::Outside { addr, len } => {
+                ring.push(
+                    &self.mem,
+                    &[Desc {
+                        addr: *addr,
+                        len: *len,
+                        write: false,
+                    }],
+                );
+            }
+        }
     }
 
     /// Writes `hdr` and `payload` into the next tx slot's buffer and queues them as a header

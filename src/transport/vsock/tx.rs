@@ -19,6 +19,7 @@
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
+use super::limits::TRACKED_SLOTS;
 use super::packet::{HEADER_SIZE, Header};
 use super::stats::Malformed;
 
@@ -100,11 +101,6 @@ pub struct TxPacket {
     /// Descriptors the packet was read from (the chain's rest, if any, is not looked at).
     pub descriptors: usize,
 }
-
-/// Slots remembered for loop detection: a direct chain lives in a queue of at most this many
-/// descriptors (awd's `MAX_QUEUE_SIZE`; larger indices can only come from an indirect table,
-/// a feature awd does not offer, and are bounded by the chain iterator's own limit).
-const TRACKED_SLOTS: usize = 256;
 
 /// Reads the header and then exactly `header.len` payload bytes from `descs` (the chain whose
 /// head descriptor sits in slot `head`) into `payload`, whose length is the largest payload
@@ -206,9 +202,10 @@ mod tests {
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use vm_memory::GuestMemoryMmap;
 
+    use crate::transport::vsock::limits::MAX_PKT_PAYLOAD;
     use crate::transport::vsock::packet::{HOST_CID, OP_RW, TYPE_STREAM};
 
-    const MAX: usize = 64 * 1024;
+    const MAX: usize = MAX_PKT_PAYLOAD as usize;
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).expect("guest memory")
