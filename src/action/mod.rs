@@ -20,6 +20,7 @@
 //! publishes it, with a count of the times the VM started over ([`VmState`]), for the watchdogs
 //! that use the node.
 
+pub mod limits;
 pub mod monitor;
 pub mod qmp;
 pub mod queue;
@@ -37,18 +38,10 @@ use tracing::{debug, error, info, warn};
 use crate::metrics::WatchdogMetrics;
 use crate::transport::SocketChardev;
 use crate::util::error_chain;
+use limits::{ATTEMPTS, LINE_TIMEOUT, MAX_IDLE_BACKOFF, RETRY_PAUSE};
 use monitor::{DeliveryError, Kind, Monitor, Outcome};
 use queue::{JobQueue, Pushed};
 use script::{Script, TypedCommand};
-
-/// The time allowed for one line's answer.
-pub const LINE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connection attempts per line before it is given up.
-const ATTEMPTS: u32 = 3;
-/// The pause between connection attempts, and the first eager reconnect.
-const RETRY_PAUSE: Duration = Duration::from_millis(500);
-/// The longest pause between eager reconnects while idle.
-const MAX_IDLE_BACKOFF: Duration = Duration::from_secs(10);
 
 /// One script run, queued by a watchdog.
 #[derive(Debug, Clone)]

@@ -24,17 +24,11 @@ use tokio::io::{
 };
 use tokio::net::{TcpStream, UnixStream};
 
+use super::limits::{CONNECT_TIMEOUT, GREETING_TIMEOUT, MAX_HMP_REPLY};
 use super::qmp::{QmpClient, QmpError, read_line_bounded};
 use super::script::{ScriptLine, TypedCommand};
 use crate::transport::Endpoint;
 
-/// How long a peer of unknown kind has to greet before it is taken for a plain socket. A peer
-/// known to be a monitor gets the whole [`CONNECT_TIMEOUT`].
-pub const GREETING_TIMEOUT: Duration = Duration::from_millis(1000);
-/// The limit on connect + greeting + negotiation.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// The most HMP output kept for one command.
-const MAX_HMP_REPLY: usize = 64 * 1024;
 const HMP_PROMPT: &[u8] = b"(qemu) ";
 
 /// A bidirectional byte stream, type-erased so TCP and Unix share one code path.

@@ -20,8 +20,7 @@ use tokio::sync::{broadcast, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-/// The longest QMP message accepted (QEMU's replies to awd's commands are small).
-const MAX_MESSAGE: usize = 1 << 20;
+use super::limits::MAX_QMP_MESSAGE;
 
 /// What can go wrong talking QMP.
 #[derive(Debug, thiserror::Error)]
@@ -144,7 +143,7 @@ impl QmpClient {
         // Events may come before the reply; skip them.
         let negotiated = tokio::time::timeout(timeout, async {
             loop {
-                let line = read_line_bounded(&mut reader, MAX_MESSAGE)
+                let line = read_line_bounded(&mut reader, MAX_QMP_MESSAGE)
                     .await
                     .map_err(|e| QmpError::Handshake(format!("read: {e}")))?
                     .ok_or_else(|| QmpError::Handshake("closed during negotiation".into()))?;
@@ -304,7 +303,7 @@ async fn read_loop<R: AsyncBufRead + Unpin>(
     loop {
         let line = tokio::select! {
             _ = closed.cancelled() => break,
-            l = read_line_bounded(&mut reader, MAX_MESSAGE) => l,
+            l = read_line_bounded(&mut reader, MAX_QMP_MESSAGE) => l,
         };
         let line = match line {
             Ok(Some(l)) => l,

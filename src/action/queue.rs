@@ -17,7 +17,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Notify;
@@ -25,11 +24,7 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use super::Job;
-
-/// A backlog at least this deep is logged at warn (rate-limited).
-pub const DEEP_BACKLOG: usize = 64;
-/// The shortest interval between two "backlog is deep" log lines of one node.
-const DEEP_LOG_INTERVAL: Duration = Duration::from_secs(10);
+use super::limits::{DEEP_BACKLOG, DEEP_LOG_INTERVAL};
 
 /// What became of a pushed job.
 #[derive(Debug)]
@@ -313,7 +308,7 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!consumer.is_finished());
         q.push(job("a", "quit"));
-        let got = tokio::time::timeout(Duration::from_secs(1), consumer)
+        let got = tokio::time::timeout(std::time::Duration::from_secs(1), consumer)
             .await
             .expect("woken by the push")
             .unwrap();
