@@ -51,8 +51,8 @@ pub use crate::engine::{
     AliveSpec, ConditionSpec, DeadlineSpec, EngineSnapshot, EngineSpec, GlobalStatus, LogicalSpec,
     Setter, SpecError, TimeRange, TimeoutSpec,
 };
-use crate::engine::{Change, Event, WatchdogEngine};
-use crate::protocol::MAX_LINE;
+use crate::engine::{Change, WatchdogEngine};
+use crate::protocol::{EncodeError, MAX_LINE, Message};
 use crate::util::valid_name;
 
 /// Why a report was not made, or what it revealed.
@@ -64,6 +64,10 @@ pub enum ClientError {
     /// A checkpoint or condition name the protocol cannot carry.
     #[error("'{0}' is not a valid name (1 to 64 of A-Z a-z 0-9 _ . : -)")]
     NameInvalid(String),
+    /// A report the protocol cannot carry as it is (names are checked before, status text is
+    /// cut to fit, so this means a bug rather than bad input).
+    #[error("cannot encode the report")]
+    Encode(#[from] EncodeError),
     /// The local supervision spec does not check.
     #[error("local supervision: {0}")]
     Spec(#[from] SpecError),
@@ -141,14 +145,13 @@ impl<W: Write> HealthMonitor<W> {
         {
             return Err(ClientError::Withheld(s));
         }
-        inner.report(Event::Heartbeat, "WATCHDOG=1\n")
+        inner.report(&[Message::Heartbeat])
     }
 
     /// `CHECKPOINT=name` (the seed's `record_checkpoint`).
     pub fn record_checkpoint(&self, name: &str) -> Result<(), ClientError> {
         check_name(name)?;
-        self.lock()
-            .report(Event::Checkpoint(name), &format!("CHECKPOINT={name}\n"))
+        self.lock().report(&[Message::Checkpoint(name.into())])
     }
 
     /// A logical supervision's step to `checkpoint` (S-CORE's `transition`); the same line as
@@ -173,25 +176,19 @@ impl<W: Write> HealthMonitor<W> {
     /// Reports a failure at once, without waiting for a timeout: `STATUS=reason` for the log,
     /// then `WATCHDOG=trigger`. Line breaks in `reason` become spaces.
     pub fn fail(&self, reason: &str) -> Result<(), ClientError> {
-        self.lock().report(Event::Trigger, &failure_lines(reason))
+        self.lock().report(&failure(reason))
     }
 
     /// `CONDITION=name=1|0`: sets a condition the guest owns.
     pub fn set_condition(&self, name: &str, value: bool) -> Result<(), ClientError> {
         check_name(name)?;
-        let line = format!("CONDITION={name}={}\n", u8::from(value));
-        let ev = Event::Condition {
-            name,
-            value,
-            by: Setter::Guest,
-        };
-        self.lock().report(ev, &line)
+        self.lock()
+            .report(&[Message::Condition(name.into(), value)])
     }
 
     /// `WATCHDOG_USEC=`: asks for a new plain timeout (awd takes it only within its bounds).
     pub fn set_timeout(&self, timeout: Duration) -> Result<(), ClientError> {
-        let line = format!("WATCHDOG_USEC={}\n", timeout.as_micros().max(1));
-        self.lock().report(Event::SetTimeout(timeout), &line)
+        self.lock().report(&[Message::SetTimeout(timeout)])
     }
 
     /// Local mode: settles the local timers now, sending the failure notification if that
@@ -243,14 +240,18 @@ impl<W: Write> HealthMonitor<W> {
 }
 
 impl<W: Write> Inner<W> {
-    /// Feeds the local engine (if any), writes `lines`, then the failure notification if the
-    /// local watchdog just expired.
-    fn report(&mut self, ev: Event<'_>, lines: &str) -> Result<(), ClientError> {
-        let changes = match &mut self.local {
-            Some((engine, clock)) => engine.handle(ev, clock()).changes,
-            None => Vec::new(),
-        };
-        self.write(lines)?;
+    /// Feeds the local engine (if any) what `messages` mean to it, writes them, then the
+    /// failure notification if the local watchdog just expired.
+    fn report(&mut self, messages: &[Message]) -> Result<(), ClientError> {
+        let bytes = encode(messages)?;
+        let mut changes = Vec::new();
+        if let Some((engine, clock)) = &mut self.local {
+            let now = clock();
+            for ev in messages.iter().filter_map(Message::event) {
+                changes.extend(engine.handle(ev, now).changes);
+            }
+        }
+        self.write(&bytes)?;
         self.notify(&changes)
     }
 
@@ -263,20 +264,29 @@ impl<W: Write> Inner<W> {
             return Ok(());
         };
         let reason = format!("local supervision: {}", c.reason);
-        self.write(&failure_lines(&reason))?;
+        self.write(&encode(&failure(&reason))?)?;
         Err(ClientError::Supervision(c.reason.clone()))
     }
 
-    fn write(&mut self, lines: &str) -> Result<(), ClientError> {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
         self.out
-            .write_all(lines.as_bytes())
+            .write_all(bytes)
             .and_then(|()| self.out.flush())
             .map_err(ClientError::Write)
     }
 }
 
+/// The messages in `messages`, encoded one after the other.
+fn encode(messages: &[Message]) -> Result<Vec<u8>, ClientError> {
+    let mut out = Vec::new();
+    for m in messages {
+        out.extend(m.encode()?);
+    }
+    Ok(out)
+}
+
 /// `STATUS=reason` (one line, cut to fit) and `WATCHDOG=trigger`.
-fn failure_lines(reason: &str) -> String {
+fn failure(reason: &str) -> [Message; 2] {
     let mut text: String = reason
         .chars()
         .map(|c| if c == '\n' || c == '\r' { ' ' } else { c })
@@ -289,7 +299,7 @@ fn failure_lines(reason: &str) -> String {
         }
         text.truncate(cut);
     }
-    format!("STATUS={text}\nWATCHDOG=trigger\n")
+    [Message::Status(text.into()), Message::Trigger]
 }
 
 fn check_name(name: &str) -> Result<(), ClientError> {

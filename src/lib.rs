@@ -17,8 +17,8 @@
 //! | module | job | uses |
 //! |---|---|---|
 //! | [`util`] | small helpers shared by modules that must not import each other: names, error chains, log rate limits, Unix socket files | none |
-//! | [`protocol`] | the bytes on a heartbeat channel: line protocol, AWD pulse frames, decoder | none |
 //! | [`engine`] | pure supervision: events and the current time in, status changes and the next deadline out | none |
+//! | [`protocol`] | the bytes on a heartbeat channel: one message type with its decoder, encoder and mapping to engine events | engine |
 //! | [`client`] | the health-monitoring API for guest programs | engine, protocol |
 //! | [`agent`] | the guest agent behind the `awd-agent` binary | protocol |
 //! | `metrics` | the Prometheus registry and per-watchdog counters; subsystems add their own collectors | engine, protocol |

@@ -21,6 +21,10 @@
 //!   Pulses are `advanced-watchdog pulse` (sent by the server side) and `advanced-watchdog reply
 //!   pulse` (the client's answer).
 //!
+//! [`Message::encode`] writes what the [`Decoder`] reads (a property test holds the two to each
+//! other), and [`Message::event`] says what a message means to the engine; nobody else formats
+//! or interprets protocol lines.
+//!
 //! The input is hostile. [`Decoder`] keeps at most [`MAX_LINE`] bytes of any message, drops
 //! longer ones in streaming fashion (a 10 MB line costs no memory) and reports every drop as a
 //! [`Rejection`], so the caller can count and log it. Rejected input still proves the peer is
@@ -29,6 +33,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use crate::engine::{Event, Setter};
 use crate::util::valid_name;
 
 /// The pulse the server side of an AWD pair sends every `pulse_interval`.
@@ -38,28 +43,109 @@ pub const PULSE_REPLY: &str = "advanced-watchdog reply pulse";
 /// The longest line or frame payload that is interpreted. Longer input is rejected.
 pub const MAX_LINE: usize = 4096;
 
-/// One message decoded from a channel. Borrowed from the decoder's buffer, so decoding a
-/// heartbeat allocates nothing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Message<'a> {
-    /// Any input that is not one of the other messages: refreshes the timer.
+/// One message of the heartbeat protocol: what the [`Decoder`] yields, what
+/// [`encode`](Message::encode) writes, and what every part of awd passes around (the
+/// transports hand it to the watchdog as it is). [`event`](Message::event) is the one mapping
+/// from a message to what it means to the supervision engine.
+///
+/// Only checkpoint, condition and status messages own text; a heartbeat, the message that
+/// arrives thousands of times a second, allocates nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// `WATCHDOG=1`, or any input that is not one of the other messages: refreshes the timer.
     Heartbeat,
     /// `WATCHDOG=trigger`: the peer reports its own failure.
     Trigger,
     /// `WATCHDOG_USEC=N`: the peer asks for a new timeout.
     SetTimeout(Duration),
     /// `CHECKPOINT=name`.
-    Checkpoint(&'a str),
+    Checkpoint(Box<str>),
     /// `CONDITION=name=1|0`.
-    Condition(&'a str, bool),
+    Condition(Box<str>, bool),
     /// `STATUS=text`: free text for the log.
-    Status(&'a str),
+    Status(Box<str>),
     /// An AWD pulse from the server side.
     Pulse,
     /// A client's reply to a pulse.
     PulseReply,
-    /// Input that was dropped; see [`Rejection`].
+    /// Input that was dropped; see [`Rejection`]. Decoded only, never encoded.
     Rejected(Rejection),
+}
+
+/// Why a [`Message`] cannot be encoded: it would not decode as itself.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    /// A checkpoint or condition name outside the protocol's alphabet or length.
+    #[error("'{0}' is not a valid name (1 to 64 of A-Z a-z 0-9 _ . : -)")]
+    NameInvalid(Box<str>),
+    /// Status text with a line break, which would end the line early.
+    #[error("status text holds a line break")]
+    Newline,
+    /// A line longer than [`MAX_LINE`], which the decoder would reject.
+    #[error("the line would be longer than {MAX_LINE} bytes")]
+    TooLong,
+    /// [`Message::Rejected`] describes dropped input; there is nothing to send.
+    #[error("a rejected input is not a message")]
+    NotAMessage,
+}
+
+impl Message {
+    /// The bytes that carry this message: a text line ending in `\n`, or for pulses the AWD
+    /// frame awd's pulse pairs exchange. Decoding them gives back this message, except that a
+    /// timeout is sent in whole microseconds (at least one).
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        let text = match self {
+            Message::Pulse => return Ok(frame(PULSE.as_bytes())),
+            Message::PulseReply => return Ok(frame(PULSE_REPLY.as_bytes())),
+            Message::Rejected(_) => return Err(EncodeError::NotAMessage),
+            Message::Heartbeat => "WATCHDOG=1".to_owned(),
+            Message::Trigger => "WATCHDOG=trigger".to_owned(),
+            Message::SetTimeout(d) => format!("WATCHDOG_USEC={}", d.as_micros().max(1)),
+            Message::Checkpoint(name) => format!("CHECKPOINT={}", checked_name(name)?),
+            Message::Condition(name, value) => {
+                format!("CONDITION={}={}", checked_name(name)?, u8::from(*value))
+            }
+            Message::Status(text) if text.contains(['\n', '\r']) => {
+                return Err(EncodeError::Newline);
+            }
+            Message::Status(text) => format!("STATUS={text}"),
+        };
+        if text.len() > MAX_LINE {
+            return Err(EncodeError::TooLong);
+        }
+        let mut line = text.into_bytes();
+        line.push(b'\n');
+        Ok(line)
+    }
+
+    /// What the message means to the supervision engine, beyond the input itself (every
+    /// message is input: the caller refreshes the timer first). `None` for messages that mean
+    /// nothing more: status text, pulses (the transport's business) and rejected input. A
+    /// guest's `CONDITION=` is set by the guest.
+    pub fn event(&self) -> Option<Event<'_>> {
+        match self {
+            Message::Heartbeat => Some(Event::Heartbeat),
+            Message::Trigger => Some(Event::Trigger),
+            Message::SetTimeout(d) => Some(Event::SetTimeout(*d)),
+            Message::Checkpoint(c) => Some(Event::Checkpoint(c)),
+            Message::Condition(name, value) => Some(Event::Condition {
+                name,
+                value: *value,
+                by: Setter::Guest,
+            }),
+            Message::Status(_) | Message::Pulse | Message::PulseReply | Message::Rejected(_) => {
+                None
+            }
+        }
+    }
+}
+
+fn checked_name(name: &str) -> Result<&str, EncodeError> {
+    if valid_name(name) {
+        Ok(name)
+    } else {
+        Err(EncodeError::NameInvalid(name.into()))
+    }
 }
 
 /// Why a piece of input was dropped. Each reason has its own counter in the daemon.
@@ -155,7 +241,7 @@ impl Decoder {
     }
 
     /// Decodes `input`, calling `emit` for each complete message in order.
-    pub fn feed(&mut self, mut input: &[u8], mut emit: impl FnMut(Message<'_>)) {
+    pub fn feed(&mut self, mut input: &[u8], mut emit: impl FnMut(Message)) {
         while !input.is_empty() {
             match self.state {
                 State::Start => {
@@ -234,7 +320,7 @@ impl Decoder {
 }
 
 /// Interprets one line or frame payload (without its newline).
-pub fn parse_line(raw: &[u8]) -> Message<'_> {
+pub fn parse_line(raw: &[u8]) -> Message {
     let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
     let Ok(line) = std::str::from_utf8(raw) else {
         return Message::Rejected(Rejection::InvalidUtf8);
@@ -254,14 +340,14 @@ pub fn parse_line(raw: &[u8]) -> Message<'_> {
             Ok(usec) if usec > 0 => Message::SetTimeout(Duration::from_micros(usec)),
             _ => Message::Rejected(Rejection::BadValue),
         },
-        "CHECKPOINT" if valid_name(value) => Message::Checkpoint(value),
+        "CHECKPOINT" if valid_name(value) => Message::Checkpoint(value.into()),
         "CONDITION" => match value.rsplit_once('=') {
-            Some((name, "1")) if valid_name(name) => Message::Condition(name, true),
-            Some((name, "0")) if valid_name(name) => Message::Condition(name, false),
+            Some((name, "1")) if valid_name(name) => Message::Condition(name.into(), true),
+            Some((name, "0")) if valid_name(name) => Message::Condition(name.into(), false),
             _ => Message::Rejected(Rejection::BadValue),
         },
         "CHECKPOINT" => Message::Rejected(Rejection::BadValue),
-        "STATUS" => Message::Status(value),
+        "STATUS" => Message::Status(value.into()),
         _ => Message::Heartbeat,
     }
 }
@@ -284,32 +370,11 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// Owned form of a message, for comparing in tests.
-    #[derive(Debug, Clone, PartialEq, Eq)]
-    enum Owned {
-        Heartbeat,
-        Trigger,
-        SetTimeout(Duration),
-        Checkpoint(String),
-        Condition(String, bool),
-        Status(String),
-        Pulse,
-        PulseReply,
-        Rejected(Rejection),
-    }
+    /// Messages own their text, so tests compare them as they come.
+    use Message as Owned;
 
-    fn owned(m: Message<'_>) -> Owned {
-        match m {
-            Message::Heartbeat => Owned::Heartbeat,
-            Message::Trigger => Owned::Trigger,
-            Message::SetTimeout(d) => Owned::SetTimeout(d),
-            Message::Checkpoint(c) => Owned::Checkpoint(c.into()),
-            Message::Condition(c, v) => Owned::Condition(c.into(), v),
-            Message::Status(s) => Owned::Status(s.into()),
-            Message::Pulse => Owned::Pulse,
-            Message::PulseReply => Owned::PulseReply,
-            Message::Rejected(r) => Owned::Rejected(r),
-        }
+    fn owned(m: Message) -> Message {
+        m
     }
 
     fn decode_chunks(chunks: &[&[u8]]) -> Vec<Owned> {
@@ -426,6 +491,66 @@ mod tests {
         );
     }
 
+    /// Any message the encoder accepts.
+    fn message() -> impl Strategy<Value = Message> {
+        let name = "[A-Za-z0-9_.:-]{1,64}";
+        prop_oneof![
+            Just(Message::Heartbeat),
+            Just(Message::Trigger),
+            Just(Message::Pulse),
+            Just(Message::PulseReply),
+            (1u64..).prop_map(|us| Message::SetTimeout(Duration::from_micros(us))),
+            name.prop_map(|n| Message::Checkpoint(n.into())),
+            (name, any::<bool>()).prop_map(|(n, v)| Message::Condition(n.into(), v)),
+            "[^\r\n]{0,300}".prop_map(|t| Message::Status(t.into())),
+        ]
+    }
+
+    #[test]
+    fn the_encoder_refuses_what_would_not_decode_as_itself() {
+        assert_eq!(
+            Message::Checkpoint("a b".into()).encode(),
+            Err(EncodeError::NameInvalid("a b".into()))
+        );
+        assert_eq!(
+            Message::Condition("".into(), true).encode(),
+            Err(EncodeError::NameInvalid("".into()))
+        );
+        assert_eq!(
+            Message::Status("two\nlines".into()).encode(),
+            Err(EncodeError::Newline)
+        );
+        assert_eq!(
+            Message::Status("x".repeat(MAX_LINE).into()).encode(),
+            Err(EncodeError::TooLong)
+        );
+        assert_eq!(
+            Message::SetTimeout(Duration::from_nanos(10)).encode(),
+            Ok(b"WATCHDOG_USEC=1\n".to_vec()),
+            "a timeout goes in whole microseconds, at least one"
+        );
+        assert_eq!(
+            Message::Condition("ready".into(), false).encode(),
+            Ok(b"CONDITION=ready=0\n".to_vec())
+        );
+    }
+
+    #[test]
+    fn each_message_means_one_engine_event() {
+        assert_eq!(Message::Heartbeat.event(), Some(Event::Heartbeat));
+        assert_eq!(
+            Message::Condition("c".into(), true).event(),
+            Some(Event::Condition {
+                name: "c",
+                value: true,
+                by: Setter::Guest
+            })
+        );
+        assert_eq!(Message::Status("x".into()).event(), None);
+        assert_eq!(Message::Pulse.event(), None);
+        assert_eq!(Message::Rejected(Rejection::BadValue).event(), None);
+    }
+
     /// Cases per property: `PROPTEST_CASES` when set (CI's bounded fuzzing run), else 2000.
     fn cases() -> u32 {
         std::env::var("PROPTEST_CASES")
@@ -436,6 +561,36 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+        /// Any sequence of messages, encoded and cut anywhere, decodes as itself.
+        #[test]
+        fn fuzz_encoded_messages_decode_as_themselves(
+            msgs in proptest::collection::vec(message(), 0..16),
+            cut in any::<usize>(),
+        ) {
+            let mut bytes = Vec::new();
+            for m in &msgs {
+                bytes.extend(m.encode().expect("generated messages encode"));
+            }
+            let cut = cut % (bytes.len() + 1);
+            prop_assert_eq!(decode_chunks(&[&bytes[..cut], &bytes[cut..]]), msgs);
+        }
+
+        /// Whatever a peer sends, each message decoded from it encodes to bytes that decode
+        /// as the same message: awd can pass on anything it accepted.
+        #[test]
+        fn fuzz_decoded_messages_encode_as_themselves(
+            data in proptest::collection::vec(any::<u8>(), 0..2 * MAX_LINE),
+        ) {
+            for m in decode_chunks(&[&data]) {
+                if matches!(m, Message::Rejected(_)) {
+                    prop_assert_eq!(m.encode(), Err(EncodeError::NotAMessage));
+                    continue;
+                }
+                let bytes = m.encode().expect("an accepted message encodes");
+                prop_assert_eq!(decode_chunks(&[&bytes]), vec![m]);
+            }
+        }
 
         /// Arbitrary bytes in arbitrary chunks: no panic, bounded memory, and the same
         /// messages however the stream is split.

@@ -46,7 +46,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::protocol::{Decoder, MAX_LINE, Message, PULSE_REPLY, frame};
+use crate::protocol::{Decoder, MAX_LINE, Message};
 
 pub use local::{DEFAULT_SOCKET, LocalSocket, MAX_CLIENTS, Refusal, relayable};
 use local::{LocalClient, LocalListener, READ_BUDGET, REOPEN_GAP, bind_local};
@@ -437,7 +437,9 @@ impl Agent {
     /// Answers `n` pulses at once, one reply frame each, after whatever is pending. Never
     /// blocks: a reply the host cannot take now is dropped, like a heartbeat.
     fn reply_pulses(&mut self, n: u64) {
-        let reply = frame(PULSE_REPLY.as_bytes());
+        let reply = Message::PulseReply
+            .encode()
+            .expect("a pulse reply always encodes");
         for _ in 0..n {
             match self.write_host(&reply, false) {
                 Written::Whole | Written::Started => self.stats.replies += 1,
@@ -764,6 +766,7 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::{PULSE_REPLY, frame};
     use std::io::{BufRead, BufReader};
     use std::io::{Read, Write};
     use std::os::unix::fs::PermissionsExt;

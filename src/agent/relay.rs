@@ -6,6 +6,9 @@
 //! use awd::agent::{DEFAULT_SOCKET, relay};
 //!
 //! relay::send_line(Path::new(DEFAULT_SOCKET), "CHECKPOINT=ready")?;
+//! // or, with the protocol's encoder doing the formatting:
+//! use awd::protocol::Message;
+//! relay::send(Path::new(DEFAULT_SOCKET), &[Message::Checkpoint("ready".into())])?;
 //! # Ok::<(), awd::agent::AgentError>(())
 //! ```
 
@@ -14,13 +17,51 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use super::{AgentError, relayable, shorten};
+use super::{AgentError, Refusal, relayable, shorten};
+use crate::protocol::{EncodeError, Message};
 
 /// How long to wait for the agent's answer to a line; the agent answers at once unless it
 /// is stuck, and a stuck agent must not hang the program that reports.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest answer read.
 const MAX_REPLY: u64 = 1024;
+
+/// Sends messages in order through the running agent, encoded by the protocol (see
+/// [`send_lines`]). A message the protocol cannot carry (a bad name, status text with a line
+/// break) sends nothing and is refused with the reason the agent would give.
+pub fn send(socket: &Path, messages: &[Message]) -> Result<(), AgentError> {
+    let lines = messages
+        .iter()
+        .map(line_of)
+        .collect::<Result<Vec<String>, AgentError>>()?;
+    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+    send_lines(socket, &lines)
+}
+
+/// The line that carries `m`, without its newline; or the refusal the agent would answer.
+pub fn line_of(m: &Message) -> Result<String, AgentError> {
+    let refused = |reason| AgentError::LineInvalid {
+        line: shorten(&format!("{m:?}")),
+        reason,
+    };
+    if matches!(m, Message::Pulse | Message::PulseReply) {
+        // Pulses are framed, and only the pair's two ends exchange them.
+        return Err(refused(Refusal::NotRelayed));
+    }
+    match m.encode() {
+        Ok(mut bytes) => {
+            bytes.pop();
+            String::from_utf8(bytes).map_err(|_| refused(Refusal::NotRelayed))
+        }
+        Err(EncodeError::NameInvalid(_)) if matches!(m, Message::Condition(..)) => {
+            Err(refused(Refusal::ConditionInvalid))
+        }
+        Err(EncodeError::NameInvalid(_)) => Err(refused(Refusal::NameInvalid)),
+        Err(EncodeError::Newline) => Err(refused(Refusal::Newline)),
+        Err(EncodeError::TooLong) => Err(refused(Refusal::LineTooLong)),
+        Err(EncodeError::NotAMessage) => Err(refused(Refusal::NotRelayed)),
+    }
+}
 
 /// Sends one protocol line (without newline) through the running agent at `socket`, and
 /// returns once the agent has written it to the host.
@@ -102,4 +143,42 @@ pub fn send_lines(socket: &Path, lines: &[&str]) -> Result<(), AgentError> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_becomes_the_line_the_agent_relays_or_its_refusal() {
+        for m in [
+            Message::Checkpoint("boot".into()),
+            Message::Condition("ready".into(), true),
+            Message::Status("disk full".into()),
+            Message::Trigger,
+            Message::Heartbeat,
+            Message::SetTimeout(Duration::from_secs(2)),
+        ] {
+            let line = line_of(&m).unwrap();
+            assert!(relayable(line.as_bytes()).is_ok(), "{line}");
+        }
+        let refusal = |m: Message| match line_of(&m) {
+            Err(AgentError::LineInvalid { reason, .. }) => reason,
+            other => panic!("{m:?}: {other:?}"),
+        };
+        assert_eq!(
+            refusal(Message::Checkpoint("a b".into())),
+            Refusal::NameInvalid
+        );
+        assert_eq!(
+            refusal(Message::Condition("".into(), true)),
+            Refusal::ConditionInvalid
+        );
+        assert_eq!(refusal(Message::Status("a\nb".into())), Refusal::Newline);
+        assert_eq!(
+            refusal(Message::Status("x".repeat(5000).into())),
+            Refusal::LineTooLong
+        );
+        assert_eq!(refusal(Message::Pulse), Refusal::NotRelayed);
+    }
 }

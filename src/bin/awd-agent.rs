@@ -1,12 +1,13 @@
 //! `awd-agent`: the guest side. Writes a heartbeat line every interval to the host's awd, and
 //! relays lines from guest programs; its subcommands send such lines through the running agent.
 
-use std::error::Error;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use awd::agent::{Agent, AgentConfig, DEFAULT_SOCKET, LocalSocket, Target, relay};
+use awd::protocol::Message;
+use awd::util::error_chain;
 use clap::{Parser, Subcommand, ValueEnum};
 
 const EXAMPLE: &str = "\
@@ -131,53 +132,37 @@ enum OnOff {
 }
 
 impl Command {
-    /// The socket and the protocol lines this subcommand sends, in order.
-    fn lines(self) -> (PathBuf, Vec<String>) {
+    /// The socket and the protocol messages this subcommand sends, in order.
+    fn messages(self) -> (PathBuf, Vec<Message>) {
         match self {
             Command::Checkpoint { name, socket } => {
-                (socket.socket, vec![format!("CHECKPOINT={name}")])
+                (socket.socket, vec![Message::Checkpoint(name.into())])
             }
             Command::Fail { reason, socket } => (
                 socket.socket,
-                vec![
-                    format!("STATUS={}", reason.join(" ")),
-                    "WATCHDOG=trigger".to_owned(),
-                ],
+                vec![Message::Status(reason.join(" ").into()), Message::Trigger],
             ),
             Command::Condition {
                 name,
                 state,
                 socket,
-            } => {
-                let bit = if state == OnOff::On { 1 } else { 0 };
-                (socket.socket, vec![format!("CONDITION={name}={bit}")])
-            }
+            } => (
+                socket.socket,
+                vec![Message::Condition(name.into(), state == OnOff::On)],
+            ),
             Command::Status { text, socket } => {
-                (socket.socket, vec![format!("STATUS={}", text.join(" "))])
+                (socket.socket, vec![Message::Status(text.join(" ").into())])
             }
         }
     }
 }
 
-/// An error and its sources, on one line.
-fn chain(e: &dyn Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
-}
-
 fn send(command: Command) -> ExitCode {
-    let (socket, lines) = command.lines();
-    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
-    match relay::send_lines(&socket, &lines) {
+    let (socket, messages) = command.messages();
+    match relay::send(&socket, &messages) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("awd-agent: error: {}", chain(&e));
+            eprintln!("awd-agent: error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
@@ -216,7 +201,11 @@ fn run(args: RunArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("awd-agent: error: {} ({:?})", chain(&e), agent.stats());
+            eprintln!(
+                "awd-agent: error: {} ({:?})",
+                error_chain(&e),
+                agent.stats()
+            );
             ExitCode::from(2)
         }
     }
@@ -251,7 +240,11 @@ fn flood(target: Target, message: String, raw: bool, count: Option<u64>) -> Exit
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("awd-agent: error: {} ({:?})", chain(&e), agent.stats());
+            eprintln!(
+                "awd-agent: error: {} ({:?})",
+                error_chain(&e),
+                agent.stats()
+            );
             ExitCode::from(2)
         }
     }
@@ -278,7 +271,14 @@ mod tests {
         match parse(argv) {
             Ok(Args {
                 command: Some(c), ..
-            }) => c.lines(),
+            }) => {
+                let (socket, messages) = c.messages();
+                let lines = messages
+                    .iter()
+                    .map(|m| relay::line_of(m).unwrap())
+                    .collect();
+                (socket, lines)
+            }
             other => panic!("{argv:?}: {other:?}"),
         }
     }
@@ -357,7 +357,7 @@ mod tests {
         ]);
         let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
         let err = relay::send_lines(&socket, &lines).unwrap_err();
-        let msg = chain(&err);
+        let msg = error_chain(&err);
         assert!(msg.starts_with("cannot reach the agent at "), "{msg}");
         assert!(!msg.contains('\n'), "{msg}");
     }

@@ -32,8 +32,8 @@ use crate::engine::{
     Change, EngineSnapshot, Event, GlobalStatus, Outcome, Scope, Setter, VM_RUNNING, WatchdogEngine,
 };
 use crate::metrics::WatchdogMetrics;
-use crate::protocol::{PULSE, PULSE_REPLY, frame};
-use crate::transport::{ChannelEvent, ConnId, ConnWriter, Signal, TryWriteError};
+use crate::protocol::Message;
+use crate::transport::{ChannelEvent, ConnId, ConnWriter, TryWriteError};
 use crate::util::LogLimiter;
 
 /// The engine's clock: tokio's (so tests can pause it), as the std type the engine takes.
@@ -263,8 +263,12 @@ impl WatchdogTask {
             pulses: None,
             vm_open,
             vm_seen,
-            pulse: Bytes::from(frame(PULSE.as_bytes())),
-            reply: Bytes::from(frame(PULSE_REPLY.as_bytes())),
+            pulse: Bytes::from(Message::Pulse.encode().expect("a pulse always encodes")),
+            reply: Bytes::from(
+                Message::PulseReply
+                    .encode()
+                    .expect("a reply always encodes"),
+            ),
             pulses_out: BTreeMap::new(),
             last_rtt: None,
             logs: InputLogs::new(),
@@ -563,17 +567,18 @@ impl WatchdogTask {
                 // Every message is input first: it refreshes the timer, whatever it says next.
                 let refreshed = self.engine.handle(Event::Heartbeat, at);
                 self.apply(refreshed.changes);
-                let o = match &signal {
-                    Signal::Trigger => {
+                // What the message says besides "alive": a log line, a pulse answered, and
+                // its engine event, by the protocol's one mapping.
+                match &signal {
+                    Message::Trigger => {
                         if let Some(suppressed) = self.logs.allow(InputLog::Trigger) {
                             warn!(
                                 watchdog = &*self.id,
                                 conn, suppressed, "peer reported a failure"
                             );
                         }
-                        self.engine.handle(Event::Trigger, at)
                     }
-                    Signal::SetTimeout(d) => {
+                    Message::SetTimeout(d) => {
                         if let Some(suppressed) = self.logs.allow(InputLog::SetTimeout) {
                             info!(
                                 watchdog = &*self.id,
@@ -582,9 +587,8 @@ impl WatchdogTask {
                                 "peer set the timeout"
                             );
                         }
-                        self.engine.handle(Event::SetTimeout(*d), at)
                     }
-                    Signal::Status(text) => {
+                    Message::Status(text) => {
                         if let Some(suppressed) = self.logs.allow(InputLog::Status) {
                             info!(
                                 watchdog = &*self.id,
@@ -594,19 +598,14 @@ impl WatchdogTask {
                                 "peer status"
                             );
                         }
-                        Outcome::default()
                     }
-                    Signal::Pulse => {
+                    Message::Pulse => {
                         if self.role == Role::Client {
                             self.send(conn, self.reply.clone());
                         }
-                        Outcome::default()
                     }
-                    Signal::PulseReply => {
-                        self.pulse_answered(conn);
-                        Outcome::default()
-                    }
-                    Signal::Checkpoint(c) => {
+                    Message::PulseReply => self.pulse_answered(conn),
+                    Message::Checkpoint(c) => {
                         if let Some(suppressed) = self.logs.allow(InputLog::Checkpoint) {
                             debug!(
                                 watchdog = &*self.id,
@@ -616,16 +615,13 @@ impl WatchdogTask {
                                 "checkpoint"
                             );
                         }
-                        self.engine.handle(Event::Checkpoint(c), at)
                     }
-                    Signal::Condition(c, v) => self.engine.handle(
-                        Event::Condition {
-                            name: c,
-                            value: *v,
-                            by: Setter::Guest,
-                        },
-                        at,
-                    ),
+                    Message::Condition(..) | Message::Heartbeat | Message::Rejected(_) => {}
+                }
+                let o = match signal.event() {
+                    // The refresh above was the heartbeat.
+                    Some(Event::Heartbeat) | None => Outcome::default(),
+                    Some(ev) => self.engine.handle(ev, at),
                 };
                 if let Some(why) = &o.rejected {
                     self.metrics.refused_inputs.inc();
@@ -773,6 +769,7 @@ mod tests {
     use crate::action::script::Script;
     use crate::engine::EngineSpec;
     use crate::metrics::Metrics;
+    use crate::protocol::{PULSE, PULSE_REPLY, frame};
 
     struct Harness {
         events: mpsc::Sender<ChannelEvent>,
@@ -950,10 +947,10 @@ mod tests {
         let h = start(5000, None, Role::Server, None);
         settle().await;
         for signal in [
-            Signal::SetTimeout(Duration::from_secs(5)),
-            Signal::Status("x".into()),
-            Signal::Checkpoint("c".into()),
-            Signal::Condition("nobody-declared-it".into(), true),
+            Message::SetTimeout(Duration::from_secs(5)),
+            Message::Status("x".into()),
+            Message::Checkpoint("c".into()),
+            Message::Condition("nobody-declared-it".into(), true),
         ] {
             advance(4000).await;
             h.events
@@ -1131,7 +1128,7 @@ mod tests {
         settle().await;
         let reply = |conn| ChannelEvent::Signal {
             conn,
-            signal: Signal::PulseReply,
+            signal: Message::PulseReply,
         };
         // A reply with no pulse outstanding (a client announcing itself) is not measured.
         h.events.send(reply(7)).await.unwrap();
@@ -1187,7 +1184,7 @@ mod tests {
         h.events
             .send(ChannelEvent::Signal {
                 conn: 3,
-                signal: Signal::Pulse,
+                signal: Message::Pulse,
             })
             .await
             .unwrap();

@@ -34,25 +34,6 @@ pub fn next_conn_id() -> ConnId {
     NEXT_CONN.fetch_add(1, Ordering::Relaxed)
 }
 
-/// A decoded message that is more than a heartbeat, owned so it can cross a channel.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Signal {
-    /// `WATCHDOG=trigger`.
-    Trigger,
-    /// `WATCHDOG_USEC=`.
-    SetTimeout(Duration),
-    /// `CHECKPOINT=`.
-    Checkpoint(Box<str>),
-    /// `CONDITION=`.
-    Condition(Box<str>, bool),
-    /// `STATUS=`.
-    Status(Box<str>),
-    /// An AWD pulse.
-    Pulse,
-    /// An AWD pulse reply.
-    PulseReply,
-}
-
 /// Why a write to a connection was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TryWriteError {
@@ -113,12 +94,13 @@ pub enum ChannelEvent {
         /// What was seen, for logs.
         reason: String,
     },
-    /// A message with a meaning beyond "alive"; it refreshes the timer too.
+    /// A message with a meaning beyond "alive" (never a plain heartbeat or a rejected input,
+    /// which the intake counts into [`ChannelEvent::Heartbeats`]); it refreshes the timer too.
     Signal {
         /// The connection.
         conn: ConnId,
-        /// The message.
-        signal: Signal,
+        /// The message, as the protocol decoded it.
+        signal: Message,
     },
 }
 
@@ -281,19 +263,13 @@ impl Intake {
                     }
                     return;
                 }
-                Message::Trigger => Signal::Trigger,
-                Message::SetTimeout(t) => Signal::SetTimeout(t),
-                Message::Checkpoint(c) => Signal::Checkpoint(c.into()),
-                Message::Condition(c, v) => Signal::Condition(c.into(), v),
-                Message::Status(s) => Signal::Status(s.into()),
-                Message::Pulse => Signal::Pulse,
-                Message::PulseReply => Signal::PulseReply,
+                signal => signal,
             };
             // Within one read, a run of STATUS= (or WATCHDOG_USEC=) lines means what its last
             // line means: a flood of them costs the watchdog one event per read, not per line.
             match (signals.last_mut(), &signal) {
-                (Some(last @ Signal::Status(_)), Signal::Status(_))
-                | (Some(last @ Signal::SetTimeout(_)), Signal::SetTimeout(_)) => {
+                (Some(last @ Message::Status(_)), Message::Status(_))
+                | (Some(last @ Message::SetTimeout(_)), Message::SetTimeout(_)) => {
                     *last = signal;
                     beats = beats.saturating_add(1);
                 }
@@ -349,7 +325,7 @@ mod tests {
             "{out:?}"
         );
         assert!(
-            matches!(&out[1], ChannelEvent::Signal { signal: Signal::Checkpoint(c), .. } if &**c == "a")
+            matches!(&out[1], ChannelEvent::Signal { signal: Message::Checkpoint(c), .. } if &**c == "a")
         );
         assert_eq!(out.len(), 2);
         assert_eq!(metrics.rejected_count(Rejection::InvalidUtf8), 1);
@@ -449,7 +425,7 @@ mod tests {
             [("beat", 2), ("signal", 0), ("signal", 0), ("signal", 0)]
         );
         assert!(
-            matches!(&out[1], ChannelEvent::Signal { signal: Signal::Status(s), .. } if &**s == "c")
+            matches!(&out[1], ChannelEvent::Signal { signal: Message::Status(s), .. } if &**s == "c")
         );
     }
 

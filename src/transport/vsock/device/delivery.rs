@@ -324,7 +324,7 @@ mod tests {
 
     use super::*;
     use crate::metrics::Metrics;
-    use crate::transport::Signal;
+    use crate::protocol::Message;
 
     /// A watchdog's context whose channel holds `cap` events, and the watchdog's end of it.
     fn ctx(name: &str, cap: usize) -> (ChannelContext, mpsc::Receiver<ChannelEvent>) {
@@ -362,7 +362,7 @@ mod tests {
     fn status(conn: ConnId, s: &str) -> ChannelEvent {
         ChannelEvent::Signal {
             conn,
-            signal: Signal::Status(s.into()),
+            signal: Message::Status(s.into()),
         }
     }
 

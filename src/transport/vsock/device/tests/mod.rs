@@ -15,8 +15,8 @@ use super::super::limits::*;
 use super::super::packet::*;
 use super::super::test_driver::*;
 use super::*;
-use crate::protocol::{PULSE, frame};
-use crate::transport::{ConnId, ConnWriter, Signal, TryWriteError};
+use crate::protocol::{Message, PULSE, frame};
+use crate::transport::{ConnId, ConnWriter, TryWriteError};
 use bytes::Bytes;
 use vm_memory::Bytes as _;
 

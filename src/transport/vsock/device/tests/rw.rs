@@ -16,7 +16,7 @@ fn payload_feeds_the_watchdog() {
     );
     assert!(matches!(
         &evs[1],
-        ChannelEvent::Signal { signal: Signal::Status(s), .. } if &**s == "hello"
+        ChannelEvent::Signal { signal: Message::Status(s), .. } if &**s == "hello"
     ));
     assert_eq!(evs.len(), 2);
     // A line split over two packets: each packet is input (proof of life) on its own.
