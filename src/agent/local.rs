@@ -7,30 +7,14 @@ use std::io::{self, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use crate::protocol::{MAX_LINE, Message, Rejection, parse_line};
 
 use super::AgentError;
+use super::limits::{REPLY_CAP, SOCKET_MODE};
 
 /// Where the running agent listens for guest programs unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/awd-agent.sock";
-/// The most local clients served at once; one more is answered `ERR too many clients` and
-/// closed, so a runaway program cannot use up the agent's descriptors.
-pub const MAX_CLIENTS: usize = 16;
-/// The local socket's file mode: root and its group only, as it reaches the host's watchdog.
-pub(super) const SOCKET_MODE: u32 = 0o660;
-/// Replies a client has not read yet, at most; more are dropped (a fire-and-forget client never
-/// reads them, and must not make the agent buffer without bound).
-pub(super) const REPLY_CAP: usize = 4096;
-/// Bytes read from one client per wake-up, so a client that writes without pause cannot hold
-/// the loop past a heartbeat's time.
-pub(super) const READ_BUDGET: usize = 64 * 1024;
-/// The least time between two attempts to reopen the host channel for a relayed line (a
-/// heartbeat always tries), so a client that sends many lines while the host is absent does not
-/// turn into a connect storm.
-pub(super) const REOPEN_GAP: Duration = Duration::from_millis(100);
-
 /// Why the agent refused a line from a local client. Its [`Display`](std::fmt::Display) is the
 /// text after `ERR ` in the reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +35,7 @@ pub enum Refusal {
     NotRelayed,
     /// The host side is absent or not reading: the line was dropped.
     HostUnreachable,
-    /// [`MAX_CLIENTS`] are connected already.
+    /// [`MAX_CLIENTS`](super::limits::MAX_CLIENTS) are connected already.
     TooManyClients,
 }
 

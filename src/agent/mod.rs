@@ -36,6 +36,7 @@
 //! Everything runs in the one poll(2) loop that also waits for the next heartbeat, so no client
 //! can delay a heartbeat.
 
+pub mod limits;
 mod local;
 pub mod relay;
 mod target;
@@ -48,8 +49,10 @@ use std::time::{Duration, Instant};
 
 use crate::protocol::{Decoder, MAX_LINE, Message};
 
-pub use local::{DEFAULT_SOCKET, LocalSocket, MAX_CLIENTS, Refusal, relayable};
-use local::{LocalClient, LocalListener, READ_BUDGET, REOPEN_GAP, bind_local};
+pub use limits::MAX_CLIENTS;
+use limits::{READ_BUDGET, REOPEN_GAP};
+pub use local::{DEFAULT_SOCKET, LocalSocket, Refusal, relayable};
+use local::{LocalClient, LocalListener, bind_local};
 use target::{Conn, open, set_blocking};
 pub use target::{Target, TargetError, find_port};
 
@@ -142,7 +145,7 @@ pub enum AgentError {
         reason: String,
     },
     /// The agent did not answer in time.
-    #[error("no reply from the agent at {} within {:?}", path.display(), relay::REPLY_TIMEOUT)]
+    #[error("no reply from the agent at {} within {:?}", path.display(), limits::REPLY_TIMEOUT)]
     ReplyTimeout {
         /// The socket's path.
         path: PathBuf,
@@ -1371,7 +1374,7 @@ mod tests {
         let mut first = Agent::new(config(target.clone(), Some(&sock), HOUR));
         first.listen().unwrap();
         let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, local::SOCKET_MODE);
+        assert_eq!(mode & 0o777, limits::SOCKET_MODE);
         let mut second = Agent::new(config(target.clone(), Some(&sock), HOUR));
         let err = second.listen().unwrap_err();
         assert!(matches!(err, AgentError::SocketInUse(_)), "{err}");

@@ -15,16 +15,10 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
 
+use super::limits::{MAX_REPLY, REPLY_TIMEOUT};
 use super::{AgentError, Refusal, relayable, shorten};
 use crate::protocol::{EncodeError, Message};
-
-/// How long to wait for the agent's answer to a line; the agent answers at once unless it
-/// is stuck, and a stuck agent must not hang the program that reports.
-pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
-/// The longest answer read.
-const MAX_REPLY: u64 = 1024;
 
 /// Sends messages in order through the running agent, encoded by the protocol (see
 /// [`send_lines`]). A message the protocol cannot carry (a bad name, status text with a line
@@ -157,7 +151,7 @@ mod tests {
             Message::Status("disk full".into()),
             Message::Trigger,
             Message::Heartbeat,
-            Message::SetTimeout(Duration::from_secs(2)),
+            Message::SetTimeout(std::time::Duration::from_secs(2)),
         ] {
             let line = line_of(&m).unwrap();
             assert!(relayable(line.as_bytes()).is_ok(), "{line}");
