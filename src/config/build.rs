@@ -348,14 +348,14 @@ impl Config {
                 ));
             }
             if let Some(p) = wc.pulse_interval
-                && p >= wc.timeout
+                && p >= wc.timeout()
             {
                 cfg.notes.push(format!(
                     "watchdog '{}': pulse_interval ({} ms) is not shorter than timeout ({} ms): \
                      a peer with the same timeout expires between pulses",
                     wc.id,
                     p.as_millis(),
-                    wc.timeout.as_millis()
+                    wc.timeout().as_millis()
                 ));
             }
             cfg.watchdogs.push(wc);
@@ -551,8 +551,6 @@ fn build_watchdog(
         script,
         script_origin,
         pulse_interval: w.pulse_interval.map(ms),
-        timeout: ms(timeout),
-        grace: w.grace.map(ms),
         engine,
         escalation,
         stopped_script,
@@ -654,7 +652,7 @@ mod tests {
         .unwrap();
         let w = &cfg.watchdogs[0];
         assert_eq!(w.role, Role::Server);
-        assert_eq!(w.timeout, Duration::from_secs(5));
+        assert_eq!(w.timeout(), Duration::from_secs(5));
         assert_eq!(w.pulse_interval, Some(Duration::from_secs(1)));
         assert!(
             cfg.notes
@@ -664,6 +662,27 @@ mod tests {
         let text = cfg.to_string();
         assert!(text.contains("listen tcp:0.0.0.0:9009"), "{text}");
         assert!(text.contains("quit (QMP quit)"), "{text}");
+    }
+
+    #[test]
+    fn timeout_and_grace_are_held_once_by_the_engine_spec() {
+        let cfg = build(
+            &["socket,id=a,port=1,server"],
+            &["advanced-watchdog,id=w,awd_node=a,timeout=5000,grace=60000"],
+        )
+        .unwrap();
+        let w = &cfg.watchdogs[0];
+        assert_eq!(w.engine.plain.timeout, Duration::from_secs(5));
+        assert_eq!(w.engine.grace, Some(Duration::from_secs(60)));
+        assert_eq!(
+            (w.timeout(), w.grace()),
+            (w.engine.plain.timeout, w.engine.grace)
+        );
+        let text = cfg.to_string();
+        assert!(
+            text.contains("timeout           5000 ms, first deadline after 60000 ms"),
+            "{text}"
+        );
     }
 
     #[test]

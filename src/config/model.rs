@@ -94,11 +94,8 @@ pub struct WatchdogConfig {
     pub script_origin: String,
     /// Server role: the pulse period.
     pub pulse_interval: Option<Duration>,
-    /// Silence before expiry.
-    pub timeout: Duration,
-    /// The first deadline, if longer than `timeout`.
-    pub grace: Option<Duration>,
-    /// Every supervision of the watchdog, validated; the plain timeout repeats `timeout`.
+    /// Every supervision of the watchdog, validated; its plain timeout and grace are the
+    /// watchdog's `timeout=` and `grace=` ([`timeout`](Self::timeout), [`grace`](Self::grace)).
     pub engine: EngineSpec,
     /// Further steps after the expiry, in time order.
     pub escalation: Vec<EscalationStep>,
@@ -106,6 +103,19 @@ pub struct WatchdogConfig {
     pub stopped_script: Script,
     /// Every supervision is linked to `vm-running`: timers stop while the VM is paused.
     pub follow_vm: bool,
+}
+
+impl WatchdogConfig {
+    /// The configured silence before expiry (`timeout=`); `WATCHDOG_USEC=` changes only the
+    /// running engine's copy.
+    pub fn timeout(&self) -> Duration {
+        self.engine.plain.timeout
+    }
+
+    /// The first deadline, if longer than the timeout (`grace=`).
+    pub fn grace(&self) -> Option<Duration> {
+        self.engine.grace
+    }
 }
 
 /// The whole validated configuration.
@@ -168,8 +178,8 @@ impl fmt::Display for Config {
                 Some(n) => writeln!(f, "  notification_node {n} ({})", self.chardevs[n])?,
                 None => writeln!(f, "  notification_node none (log only)")?,
             }
-            write!(f, "  timeout           {} ms", w.timeout.as_millis())?;
-            match w.grace {
+            write!(f, "  timeout           {} ms", w.timeout().as_millis())?;
+            match w.grace() {
                 Some(g) => writeln!(f, ", first deadline after {} ms", g.as_millis())?,
                 None => writeln!(f)?,
             }

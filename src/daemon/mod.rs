@@ -643,7 +643,7 @@ impl Daemon {
             let ctx = context(&w.cfg, tx.clone(), wm, &w.chardev);
             match listener {
                 Some(l) => {
-                    let policy = socket::ServerPolicy::of(s, w.cfg.timeout);
+                    let policy = socket::ServerPolicy::of(s, w.cfg.timeout());
                     info!(watchdog = %id, channel = %node, max_connections = policy.max_connections,
                         "listening on {}", s.endpoint);
                     tasks.spawn(socket::serve(l, policy, ctx, token.clone()));

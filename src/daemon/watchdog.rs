@@ -801,8 +801,6 @@ mod tests {
             script: Script::parse("quit", "test").unwrap(),
             script_origin: "test".into(),
             pulse_interval: pulse_ms.map(Duration::from_millis),
-            timeout: Duration::from_millis(timeout_ms),
-            grace: grace_ms.map(Duration::from_millis),
             engine: EngineSpec {
                 grace: grace_ms.map(Duration::from_millis),
                 ..EngineSpec::plain(Duration::from_millis(timeout_ms))
