@@ -7,8 +7,12 @@
 //! → {"cmd":"disable","target":"vm1/main-loop"}
 //! ← {"ok":true}
 //! → {"cmd":"condition","name":"maintenance","value":false}
-//! ← {"ok":false,"error":"no watchdog links condition 'maintenance'"}
+//! ← {"ok":false,"error":"no watchdog declares operator condition 'maintenance'","code":"no_operator_condition"}
 //! ```
+//!
+//! A refusal carries `error`, a one-line message for people (what `awd` prints), and `code`, a
+//! stable snake_case reason for programs ([`ErrorCode`]). Clients that read only `error` work
+//! as before; a daemon from before `code` existed leaves it out.
 //!
 //! The daemon side ([`serve`]) hands each request to a [`Handler`]; the client side
 //! ([`request`]) is a blocking call for the CLI.
@@ -24,7 +28,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::util::{UnixPathGuard, clear_stale_socket};
+use crate::util::{UnixPathGuard, clear_stale_socket, error_chain};
 
 /// Where the control socket is unless `--control` says otherwise.
 pub const DEFAULT_PATH: &str = "/run/awd/control.sock";
@@ -50,7 +54,7 @@ pub enum Request {
     },
     /// Set an operator condition, on one watchdog or on every watchdog that links it.
     Condition {
-        /// The condition.
+        /// The operator condition, as declared.
         name: String,
         /// Its new value.
         value: bool,
@@ -65,9 +69,13 @@ pub enum Request {
 pub struct Response {
     /// Whether the request was carried out.
     pub ok: bool,
-    /// Why not.
+    /// Why not, in one line for people.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Why not, as a stable snake_case reason for programs ([`ErrorCode::code`]); `None` from
+    /// a daemon that predates it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
     /// For `status`: one object per watchdog.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub watchdogs: Vec<Value>,
@@ -82,12 +90,40 @@ impl Response {
         }
     }
 
-    /// A failure.
-    pub fn error(msg: impl Into<String>) -> Response {
+    /// A refusal: the error's whole chain as the message, and its code.
+    pub fn error<E: ErrorCode>(e: &E) -> Response {
         Response {
             ok: false,
-            error: Some(msg.into()),
+            error: Some(error_chain(e)),
+            code: Some(e.code().to_owned()),
             watchdogs: Vec::new(),
+        }
+    }
+}
+
+/// An error the control socket can answer with: a message (its `Display` and `source` chain)
+/// and a stable code.
+pub trait ErrorCode: std::error::Error {
+    /// A stable snake_case name of the reason, the response's `code`.
+    fn code(&self) -> &'static str;
+}
+
+/// Why a request line was refused before any handler saw it.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestLineError {
+    /// The line is longer than 64 KiB.
+    #[error("request too long")]
+    TooLong,
+    /// The line is not a JSON [`Request`].
+    #[error("bad request")]
+    Malformed(#[source] serde_json::Error),
+}
+
+impl ErrorCode for RequestLineError {
+    fn code(&self) -> &'static str {
+        match self {
+            RequestLineError::TooLong => "request_too_long",
+            RequestLineError::Malformed(_) => "bad_request",
         }
     }
 }
@@ -107,36 +143,36 @@ pub enum ControlError {
     /// Binding the socket failed.
     #[error("cannot listen on control socket {path}")]
     Bind {
-        /// The path.
+        /// The socket path, as given.
         path: String,
-        /// Why.
+        /// The error from creating the directory or binding.
         #[source]
         source: std::io::Error,
     },
     /// Connecting to the daemon failed.
     #[error("cannot reach awd at {path} (is `awd run --control {path}` running?)")]
     Connect {
-        /// The path.
+        /// The socket path the client tried.
         path: String,
-        /// Why.
+        /// The connect error (no such file, refused, permission).
         #[source]
         source: std::io::Error,
     },
     /// The exchange failed.
     #[error("control socket {path}")]
     Io {
-        /// The path.
+        /// The socket path.
         path: String,
-        /// Why.
+        /// The read or write error, or the 10 s read timeout.
         #[source]
         source: std::io::Error,
     },
     /// The answer was not a response.
     #[error("control socket {path}: bad response: {msg}")]
     BadResponse {
-        /// The path.
+        /// The socket path.
         path: String,
-        /// What was wrong.
+        /// The JSON error, on one line.
         msg: String,
     },
 }
@@ -244,14 +280,14 @@ pub async fn serve(l: ControlListener, handler: Arc<dyn Handler>, shutdown: Canc
                         _ => break,
                     };
                 let resp = if line.len() > MAX_REQUEST {
-                    Response::error("request too long")
+                    Response::error(&RequestLineError::TooLong)
                 } else {
                     match serde_json::from_str::<Request>(&line) {
                         Ok(req) => {
                             debug!(?req, "control request");
                             handler.handle(req).await
                         }
-                        Err(e) => Response::error(format!("bad request: {e}")),
+                        Err(e) => Response::error(&RequestLineError::Malformed(e)),
                     }
                 };
                 let mut out =
@@ -454,6 +490,66 @@ mod tests {
         assert!(!path.exists(), "removed when the listener is dropped");
     }
 
+    #[derive(Debug, thiserror::Error)]
+    #[error("no")]
+    struct No;
+    impl ErrorCode for No {
+        fn code(&self) -> &'static str {
+            "no"
+        }
+    }
+
+    /// A refusal's wire form: `error` as before, `code` beside it; a success has neither.
+    #[test]
+    fn a_refusal_carries_its_message_and_a_stable_code() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("watchdog 'vm1'")]
+        struct Outer(#[source] No);
+        impl ErrorCode for Outer {
+            fn code(&self) -> &'static str {
+                "no"
+            }
+        }
+        assert_eq!(
+            serde_json::to_string(&Response::error(&Outer(No))).unwrap(),
+            r#"{"ok":false,"error":"watchdog 'vm1': no","code":"no"}"#,
+            "the message is the whole chain"
+        );
+        assert_eq!(
+            serde_json::to_string(&Response::ok()).unwrap(),
+            r#"{"ok":true}"#
+        );
+        let line = Response::error(&RequestLineError::TooLong);
+        assert_eq!(
+            serde_json::to_value(&line).unwrap(),
+            serde_json::json!({"ok": false, "error": "request too long", "code": "request_too_long"})
+        );
+        let bad = serde_json::from_str::<Request>("{").unwrap_err();
+        let resp = Response::error(&RequestLineError::Malformed(bad));
+        let msg = resp.error.as_deref().unwrap();
+        assert!(msg.starts_with("bad request: EOF while parsing"), "{msg}");
+        assert_eq!(resp.code.as_deref(), Some("bad_request"));
+    }
+
+    /// A client that knows only `ok` and `error` reads a new response, and a new client reads an
+    /// old one (no `code`).
+    #[test]
+    fn old_and_new_responses_read_both_ways() {
+        #[derive(Deserialize)]
+        struct OldResponse {
+            ok: bool,
+            error: Option<String>,
+        }
+        let new = r#"{"ok":false,"error":"no watchdog 'x'","code":"unknown_watchdog"}"#;
+        let old: OldResponse = serde_json::from_str(new).unwrap();
+        assert!(!old.ok);
+        assert_eq!(old.error.as_deref(), Some("no watchdog 'x'"));
+        let read: Response =
+            serde_json::from_str(r#"{"ok":false,"error":"no watchdog 'x'"}"#).unwrap();
+        assert_eq!(read.error.as_deref(), Some("no watchdog 'x'"));
+        assert_eq!(read.code, None);
+    }
+
     struct Echo;
     impl Handler for Echo {
         fn handle(
@@ -463,11 +559,10 @@ mod tests {
             Box::pin(async move {
                 match req {
                     Request::Status => Response {
-                        ok: true,
-                        error: None,
                         watchdogs: vec![serde_json::json!({"id": "vm1", "status": "ok"})],
+                        ..Response::ok()
                     },
-                    _ => Response::error("no"),
+                    _ => Response::error(&No),
                 }
             })
         }
@@ -496,6 +591,22 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(resp.error.as_deref(), Some("no"));
+        assert_eq!(resp.code.as_deref(), Some("no"));
+        let mut s = tokio::net::UnixStream::connect(&path).await.unwrap();
+        s.write_all(b"{\"cmd\":\"reboot\"}\n").await.unwrap();
+        let mut line = String::new();
+        tokio::io::BufReader::new(&mut s)
+            .read_line(&mut line)
+            .await
+            .unwrap();
+        let resp: Response = serde_json::from_str(&line).unwrap();
+        assert_eq!(resp.code.as_deref(), Some("bad_request"));
+        assert!(
+            resp.error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("bad request: unknown variant")),
+            "{resp:?}"
+        );
         shutdown.cancel();
     }
 }

@@ -19,7 +19,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::engine::GlobalStatus;
+use crate::engine::{GlobalStatus, RefusalReason};
 use crate::protocol::Rejection;
 
 /// Labels of per-watchdog series.
@@ -31,14 +31,14 @@ pub struct WatchdogLabels {
     pub channel: String,
 }
 
-/// Labels of rejected-input series.
+/// Labels of rejected- and refused-input series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RejectLabels {
     /// The watchdog id.
     pub watchdog: String,
     /// The awd_node chardev id.
     pub channel: String,
-    /// Why the input was dropped.
+    /// Why the input was dropped (a [`Rejection`]) or refused (a [`RefusalReason`]).
     pub reason: String,
 }
 
@@ -94,7 +94,7 @@ pub struct Metrics {
     pulses: Family<WatchdogLabels, Counter>,
     pulse_rtt: Family<WatchdogLabels, Histogram>,
     input_bytes: Family<WatchdogLabels, Counter>,
-    refused_inputs: Family<WatchdogLabels, Counter>,
+    refused_inputs: Family<RejectLabels, Counter>,
     rate_limited: Family<WatchdogLabels, Counter>,
     refused: Family<ConnectionLabels, Counter>,
     evicted: Family<ConnectionLabels, Counter>,
@@ -234,7 +234,7 @@ impl Metrics {
         );
         registry.register(
             "refused_inputs",
-            "Well-formed inputs the supervision refused (a timeout out of bounds, a condition the peer may not set)",
+            "Well-formed inputs the supervision refused, by reason (a timeout out of bounds, a condition not declared or not the peer's to set, a trigger while the plain timeout is deactivated)",
             m.refused_inputs.clone(),
         );
         registry.register(
@@ -263,15 +263,16 @@ impl Metrics {
             watchdog: watchdog.into(),
             channel: channel.into(),
         };
-        let rejected = Rejection::ALL.map(|r| {
-            self.rejected
+        let by_reason = |family: &Family<RejectLabels, Counter>, reason: &str| {
+            family
                 .get_or_create(&RejectLabels {
                     watchdog: watchdog.into(),
                     channel: channel.into(),
-                    reason: r.as_str().into(),
+                    reason: reason.into(),
                 })
                 .clone()
-        });
+        };
+        let rejected = Rejection::ALL.map(|r| by_reason(&self.rejected, r.as_str()));
         let action = |result: &str| {
             self.actions
                 .get_or_create(&ActionLabels {
@@ -304,7 +305,7 @@ impl Metrics {
             pulses: self.pulses.get_or_create(&l).clone(),
             pulse_rtt: self.pulse_rtt.get_or_create(&l).clone(),
             input_bytes: self.input_bytes.get_or_create(&l).clone(),
-            refused_inputs: self.refused_inputs.get_or_create(&l).clone(),
+            refused_inputs: RefusalReason::ALL.map(|r| by_reason(&self.refused_inputs, r.as_str())),
             rate_limited: self.rate_limited.get_or_create(&l).clone(),
             last_heartbeat_ms: AtomicU64::new(0),
             started_ms: unix_ms(),
@@ -328,7 +329,6 @@ impl Metrics {
             &self.expiries,
             &self.pulses,
             &self.input_bytes,
-            &self.refused_inputs,
             &self.rate_limited,
         ] {
             f.remove(&l);
@@ -337,11 +337,13 @@ impl Metrics {
             f.remove(&l);
         }
         self.pulse_rtt.remove(&l);
-        for r in Rejection::ALL {
-            self.rejected.remove(&RejectLabels {
+        let reasons = Rejection::ALL.map(|r| (&self.rejected, r.as_str()));
+        let refusals = RefusalReason::ALL.map(|r| (&self.refused_inputs, r.as_str()));
+        for (family, reason) in reasons.into_iter().chain(refusals) {
+            family.remove(&RejectLabels {
                 watchdog: watchdog.into(),
                 channel: channel.into(),
-                reason: r.as_str().into(),
+                reason: reason.into(),
             });
         }
         for (family, reasons) in [
@@ -434,8 +436,8 @@ pub struct WatchdogMetrics {
     pub pulse_rtt: Histogram,
     /// Bytes read from the channel.
     pub input_bytes: Counter,
-    /// Well-formed inputs the engine refused.
-    pub refused_inputs: Counter,
+    /// Well-formed inputs the engine refused, indexed like [`RefusalReason::ALL`].
+    pub refused_inputs: [Counter; RefusalReason::ALL.len()],
     /// Reads beyond the channel's rate limit, taken as proof of life without being parsed.
     pub rate_limited: Counter,
     /// Wall-clock time of the last heartbeat, ms since the Unix epoch (0: never).
@@ -449,6 +451,16 @@ impl WatchdogMetrics {
     pub fn reject(&self, r: Rejection) {
         let i = Rejection::ALL.iter().position(|x| *x == r).unwrap_or(0);
         self.rejected[i].inc();
+    }
+
+    /// Counts one input the engine refused.
+    pub fn refused_input(&self, r: RefusalReason) {
+        self.refused_inputs[r.index()].inc();
+    }
+
+    /// The count of refused inputs for one reason.
+    pub fn refused_input_count(&self, r: RefusalReason) -> u64 {
+        self.refused_inputs[r.index()].get()
     }
 
     /// Counts `n` heartbeats received now.
@@ -477,9 +489,9 @@ impl WatchdogMetrics {
 #[derive(Debug, thiserror::Error)]
 #[error("cannot serve metrics on {addr}")]
 pub struct HttpError {
-    /// The address.
+    /// The `--metrics` address, as given.
     pub addr: String,
-    /// Why.
+    /// The bind error (address in use, not an address).
     #[source]
     pub source: std::io::Error,
 }
@@ -609,6 +621,7 @@ mod tests {
         w.pulse_rtt.observe(0.0003);
         w.refused[0].inc();
         w.evicted[0].inc_by(2);
+        w.refused_input(RefusalReason::TimeoutOutOfBounds);
         let text = m.encode();
         for needle in [
             "awd_heartbeats_total{watchdog=\"vm1\",channel=\"hb\"} 3",
@@ -620,6 +633,8 @@ mod tests {
             "awd_connections_refused_total{watchdog=\"vm1\",channel=\"hb\",reason=\"not_allowed\"} 1",
             "awd_connections_evicted_total{watchdog=\"vm1\",channel=\"hb\",reason=\"never_spoke\"} 2",
             "awd_connections_evicted_total{watchdog=\"vm1\",channel=\"hb\",reason=\"silent\"} 0",
+            "awd_refused_inputs_total{watchdog=\"vm1\",channel=\"hb\",reason=\"timeout_out_of_bounds\"} 1",
+            "awd_refused_inputs_total{watchdog=\"vm1\",channel=\"hb\",reason=\"wrong_setter\"} 0",
             "# EOF",
         ] {
             assert!(text.contains(needle), "missing {needle} in\n{text}");

@@ -110,7 +110,7 @@ mod tests {
         assert_eq!(from_file.chardevs, from_seed.chardevs);
         let (a, b) = (&from_file.watchdogs[0], &from_seed.watchdogs[0]);
         assert_eq!(
-            (a.role, a.timeout, a.pulse_interval),
+            (a.role, a.timeout(), a.pulse_interval),
             (
                 Role::Server,
                 Duration::from_secs(5),
@@ -118,8 +118,8 @@ mod tests {
             )
         );
         assert_eq!(
-            (a.role, a.timeout, a.pulse_interval),
-            (b.role, b.timeout, b.pulse_interval)
+            (a.role, a.timeout(), a.pulse_interval),
+            (b.role, b.timeout(), b.pulse_interval)
         );
         assert_eq!(a.script.lines.len(), 1);
     }

@@ -31,8 +31,8 @@ use tracing::{info, warn};
 
 use crate::action::{LineReport, Runner, RunnerHandle};
 use crate::config::{Chardev, Config, WatchdogConfig};
-use crate::control::{self, ControlListener, Request, Response};
-use crate::engine::Setter;
+use crate::control::{self, ControlListener, ErrorCode, Request, Response};
+use crate::engine::{self, Setter};
 use crate::metrics::{Metrics, WatchdogMetrics};
 use crate::transport::ChannelEvent;
 use crate::transport::socket::{self, Listener, SocketError};
@@ -59,6 +59,94 @@ pub enum DaemonError {
     /// device).
     #[error(transparent)]
     Refused(#[from] Refusal),
+}
+
+/// Why a command to one watchdog was not carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// No running watchdog has that id.
+    #[error("no watchdog '{watchdog}'")]
+    UnknownWatchdog {
+        /// The id asked for.
+        watchdog: String,
+    },
+    /// The watchdog's task has ended (shutdown, or a reload removed it meanwhile).
+    #[error("the watchdog has stopped")]
+    Stopped {
+        /// The watchdog whose task is gone.
+        watchdog: String,
+    },
+    /// The watchdog's task did not answer in time: its loop is stuck, or too busy to turn.
+    #[error("watchdog '{watchdog}' did not answer within {within:?}")]
+    NoAnswer {
+        /// The watchdog that did not answer.
+        watchdog: String,
+        /// How long it was given.
+        within: Duration,
+    },
+    /// The engine refused the command; nothing changed.
+    #[error(transparent)]
+    Refused(#[from] engine::Refusal),
+}
+
+impl CommandError {
+    /// The watchdog that failed to carry the command out, where that is the reason.
+    pub fn watchdog(&self) -> Option<&str> {
+        match self {
+            CommandError::UnknownWatchdog { watchdog }
+            | CommandError::Stopped { watchdog }
+            | CommandError::NoAnswer { watchdog, .. } => Some(watchdog),
+            CommandError::Refused(_) => None,
+        }
+    }
+}
+
+impl ErrorCode for CommandError {
+    fn code(&self) -> &'static str {
+        match self {
+            CommandError::UnknownWatchdog { .. } => "unknown_watchdog",
+            CommandError::Stopped { .. } => "watchdog_stopped",
+            CommandError::NoAnswer { .. } => "no_answer",
+            CommandError::Refused(r) => r.as_str(),
+        }
+    }
+}
+
+/// Why a control request was refused: the request itself, or the command it sent to a
+/// watchdog.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// `enable`/`disable` without a target.
+    #[error("give a watchdog id, or id/supervision")]
+    NoTarget,
+    /// `condition` without a watchdog, and no watchdog declares that operator condition.
+    #[error("no watchdog declares operator condition '{name}'")]
+    NoOperatorCondition {
+        /// The condition asked for.
+        name: String,
+    },
+    /// One of several watchdogs a `condition` went to did not take it.
+    #[error("watchdog '{watchdog}'")]
+    Watchdog {
+        /// The watchdog that did not take it.
+        watchdog: String,
+        /// Why not.
+        #[source]
+        source: CommandError,
+    },
+    /// The one watchdog the request named did not carry it out.
+    #[error(transparent)]
+    Command(#[from] CommandError),
+}
+
+impl ErrorCode for RequestError {
+    fn code(&self) -> &'static str {
+        match self {
+            RequestError::NoTarget => "missing_target",
+            RequestError::NoOperatorCondition { .. } => "no_operator_condition",
+            RequestError::Watchdog { source, .. } | RequestError::Command(source) => source.code(),
+        }
+    }
 }
 
 /// Options that are not part of the watchdog configuration.
@@ -301,20 +389,26 @@ impl Daemon {
     }
 
     /// Asks every watchdog task for its status within `timeout`: proof that the loops that
-    /// drive the timers are turning. Returns the id of the first one that did not answer.
-    pub async fn probe(&self, timeout: Duration) -> Result<(), String> {
+    /// drive the timers are turning. Fails on the first one that did not answer.
+    pub async fn probe(&self, timeout: Duration) -> Result<(), CommandError> {
         let controls = self.controls().await;
-        for (id, tx) in controls {
+        for (watchdog, tx) in controls {
             let (reply, rx) = oneshot::channel();
             let asked = tokio::time::timeout(timeout, tx.send(Control::Status(reply))).await;
             let answered = match asked {
-                Ok(Ok(())) => tokio::time::timeout(timeout, rx)
-                    .await
-                    .is_ok_and(|r| r.is_ok()),
-                _ => false,
+                Ok(Ok(())) => tokio::time::timeout(timeout, rx).await.map(|r| r.is_ok()),
+                Ok(Err(_)) => Ok(false),
+                Err(elapsed) => Err(elapsed),
             };
-            if !answered {
-                return Err(id);
+            match answered {
+                Ok(true) => {}
+                Ok(false) => return Err(CommandError::Stopped { watchdog }),
+                Err(_) => {
+                    return Err(CommandError::NoAnswer {
+                        watchdog,
+                        within: timeout,
+                    });
+                }
             }
         }
         Ok(())
@@ -345,27 +439,43 @@ impl Daemon {
     }
 
     /// Sends a command to one watchdog and waits for its answer.
-    pub async fn command(&self, watchdog: &str, cmd: Command) -> Result<(), String> {
+    pub async fn command(&self, watchdog: &str, cmd: Command) -> Result<(), CommandError> {
         let tx = {
             let st = self.inner.state.lock().await;
             match st.watchdogs.get(watchdog) {
                 Some(w) => w.control.clone(),
-                None => return Err(format!("no watchdog '{watchdog}'")),
+                None => {
+                    return Err(CommandError::UnknownWatchdog {
+                        watchdog: watchdog.to_owned(),
+                    });
+                }
             }
         };
         let (reply, rx) = oneshot::channel();
         tx.send(Control::Command { cmd, reply })
             .await
-            .map_err(|_| "the watchdog has stopped".to_owned())?;
+            .map_err(|_| CommandError::Stopped {
+                watchdog: watchdog.to_owned(),
+            })?;
         match tokio::time::timeout(CONTROL_TIMEOUT, rx).await {
-            Ok(Ok(r)) => r,
-            _ => Err(format!(
-                "watchdog '{watchdog}' did not answer within {CONTROL_TIMEOUT:?}"
-            )),
+            Ok(Ok(r)) => Ok(r?),
+            _ => Err(CommandError::NoAnswer {
+                watchdog: watchdog.to_owned(),
+                within: CONTROL_TIMEOUT,
+            }),
         }
     }
 
+    /// Answers one control request.
     async fn handle_request(&self, req: Request) -> Response {
+        match self.carry_out(req).await {
+            Ok(resp) => resp,
+            Err(e) => Response::error(&e),
+        }
+    }
+
+    /// Carries out one control request: the response on success, else why not.
+    async fn carry_out(&self, req: Request) -> Result<Response, RequestError> {
         match req {
             Request::Status => {
                 let watchdogs = self
@@ -374,14 +484,13 @@ impl Daemon {
                     .into_iter()
                     .filter_map(|s| serde_json::to_value(s).ok())
                     .collect();
-                Response {
-                    ok: true,
-                    error: None,
+                Ok(Response {
                     watchdogs,
-                }
+                    ..Response::ok()
+                })
             }
             Request::Enable { target } | Request::Disable { target } if target.is_empty() => {
-                Response::error("give a watchdog id, or id/supervision")
+                Err(RequestError::NoTarget)
             }
             Request::Enable { target } => self.targeted(&target, true).await,
             Request::Disable { target } => self.targeted(&target, false).await,
@@ -408,9 +517,7 @@ impl Daemon {
                     }
                 };
                 if ids.is_empty() {
-                    return Response::error(format!(
-                        "no watchdog declares operator condition '{name}'"
-                    ));
+                    return Err(RequestError::NoOperatorCondition { name });
                 }
                 for id in ids {
                     let cmd = Command::Condition {
@@ -418,16 +525,20 @@ impl Daemon {
                         value,
                         by: Setter::Operator,
                     };
-                    if let Err(e) = self.command(&id, cmd).await {
-                        return Response::error(format!("watchdog '{id}': {e}"));
-                    }
+                    self.command(&id, cmd)
+                        .await
+                        .map_err(|source| RequestError::Watchdog {
+                            watchdog: id,
+                            source,
+                        })?;
                 }
-                Response::ok()
+                Ok(Response::ok())
             }
         }
     }
 
-    async fn targeted(&self, target: &str, enable: bool) -> Response {
+    /// `enable`/`disable` of `ID` or `ID/SUPERVISION`.
+    async fn targeted(&self, target: &str, enable: bool) -> Result<Response, RequestError> {
         let (id, sup) = match target.split_once('/') {
             Some((id, sup)) => (id, Some(sup.to_owned())),
             None => (target, None),
@@ -437,10 +548,8 @@ impl Daemon {
         } else {
             Command::Disable(sup)
         };
-        match self.command(id, cmd).await {
-            Ok(()) => Response::ok(),
-            Err(e) => Response::error(e),
-        }
+        self.command(id, cmd).await?;
+        Ok(Response::ok())
     }
 
     /// Moves the running state to `cfg`: plans the change ([`reload`]; refused as a whole if it
@@ -643,7 +752,7 @@ impl Daemon {
             let ctx = context(&w.cfg, tx.clone(), wm, &w.chardev);
             match listener {
                 Some(l) => {
-                    let policy = socket::ServerPolicy::of(s, w.cfg.timeout);
+                    let policy = socket::ServerPolicy::of(s, w.cfg.timeout());
                     info!(watchdog = %id, channel = %node, max_connections = policy.max_connections,
                         "listening on {}", s.endpoint);
                     tasks.spawn(socket::serve(l, policy, ctx, token.clone()));
@@ -705,5 +814,123 @@ impl control::Handler for Daemon {
         req: Request,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send + '_>> {
         Box::pin(self.handle_request(req))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::file;
+    use serde_json::json;
+
+    /// Every refusal the control socket can give, as the wire sees it: `error` as `awd` has
+    /// always printed it, and `code` beside it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn control_refusals_carry_the_old_message_and_a_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = format!(
+            "[chardev.hb]\npath = \"{}\"\nserver = true\n\
+             [watchdog.vm1]\nawd_node = \"hb\"\ntimeout = 60000\n\
+             guest_conditions = {{ ready = false }}\n\
+             operator_conditions = {{ maintenance-off = true }}\n",
+            dir.path().join("hb.sock").display()
+        );
+        let raw = file::parse(&toml, &dir.path().join("awd.toml")).unwrap();
+        let daemon = Daemon::start(Config::build(raw).unwrap(), Options::default())
+            .await
+            .unwrap();
+        let condition = |name: &str, watchdog: Option<&str>| Request::Condition {
+            name: name.into(),
+            value: false,
+            watchdog: watchdog.map(str::to_owned),
+        };
+        let cases = [
+            (
+                Request::Disable {
+                    target: "vm1/nope".into(),
+                },
+                json!({
+                    "ok": false,
+                    "error": "no supervision nope in this watchdog (it has timeout)",
+                    "code": "unknown_supervision",
+                }),
+            ),
+            (
+                Request::Enable {
+                    target: "vm2".into(),
+                },
+                json!({"ok": false, "error": "no watchdog 'vm2'", "code": "unknown_watchdog"}),
+            ),
+            (
+                Request::Enable { target: "".into() },
+                json!({
+                    "ok": false,
+                    "error": "give a watchdog id, or id/supervision",
+                    "code": "missing_target",
+                }),
+            ),
+            (
+                condition("ready", None),
+                json!({
+                    "ok": false,
+                    "error": "no watchdog declares operator condition 'ready'",
+                    "code": "no_operator_condition",
+                }),
+            ),
+            (
+                condition("ready", Some("vm1")),
+                json!({
+                    "ok": false,
+                    "error": "watchdog 'vm1': condition ready refused: it is set by the guest, \
+                              not by the operator",
+                    "code": "wrong_setter",
+                }),
+            ),
+            (
+                condition("ready", Some("vm2")),
+                json!({
+                    "ok": false,
+                    "error": "watchdog 'vm2': no watchdog 'vm2'",
+                    "code": "unknown_watchdog",
+                }),
+            ),
+            (condition("maintenance-off", None), json!({"ok": true})),
+            (
+                Request::Disable {
+                    target: "vm1/timeout".into(),
+                },
+                json!({"ok": true}),
+            ),
+        ];
+        for (req, want) in cases {
+            let got = serde_json::to_value(daemon.handle_request(req.clone()).await).unwrap();
+            assert_eq!(got, want, "{req:?}");
+        }
+        let resp = daemon.handle_request(condition("x", Some("vm1"))).await;
+        assert_eq!(resp.code.as_deref(), Some("unknown_condition"));
+        assert!(
+            resp.error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("watchdog 'vm1': condition x refused: no such")),
+            "{resp:?}"
+        );
+        daemon.stop().await;
+    }
+
+    #[test]
+    fn a_command_that_got_no_answer_names_the_watchdog_and_the_wait() {
+        let e = CommandError::NoAnswer {
+            watchdog: "vm1".into(),
+            within: CONTROL_TIMEOUT,
+        };
+        assert_eq!(e.to_string(), "watchdog 'vm1' did not answer within 2s");
+        assert_eq!((e.code(), e.watchdog()), ("no_answer", Some("vm1")));
+        let e = CommandError::Stopped {
+            watchdog: "vm1".into(),
+        };
+        assert_eq!(
+            serde_json::to_value(Response::error(&e)).unwrap(),
+            json!({"ok": false, "error": "the watchdog has stopped", "code": "watchdog_stopped"})
+        );
     }
 }

@@ -59,7 +59,10 @@ pub fn spawn_watchdog(daemon: DaemonHandle) -> Option<JoinHandle<()>> {
             tick.tick().await;
             match daemon.probe(period).await {
                 Ok(()) => notify(&[NotifyState::Watchdog]),
-                Err(stuck) => warn!("watchdog task {stuck} did not answer: withholding WATCHDOG=1"),
+                Err(e) => warn!(
+                    "watchdog task {} did not answer: withholding WATCHDOG=1",
+                    e.watchdog().unwrap_or("?")
+                ),
             }
         }
     }))

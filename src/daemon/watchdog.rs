@@ -29,7 +29,8 @@ use crate::action::script::Script;
 use crate::action::{Job, RunnerHandle, VmState};
 use crate::config::{EscalationStep, Role, WatchdogConfig};
 use crate::engine::{
-    Change, EngineSnapshot, Event, GlobalStatus, Outcome, Scope, Setter, VM_RUNNING, WatchdogEngine,
+    Change, EngineSnapshot, Event, GlobalStatus, Outcome, Refusal, Scope, Setter, VM_RUNNING,
+    WatchdogEngine,
 };
 use crate::metrics::WatchdogMetrics;
 use crate::protocol::Message;
@@ -51,10 +52,10 @@ pub enum Control {
     Reconfigure(Box<(WatchdogConfig, Links)>),
     /// Change something; the reply says whether it was done.
     Command {
-        /// What to do.
+        /// The change asked for.
         cmd: Command,
-        /// The answer.
-        reply: oneshot::Sender<Result<(), String>>,
+        /// Done, or why the engine refused it.
+        reply: oneshot::Sender<Result<(), Refusal>>,
     },
 }
 
@@ -624,7 +625,7 @@ impl WatchdogTask {
                     Some(ev) => self.engine.handle(ev, at),
                 };
                 if let Some(why) = &o.rejected {
-                    self.metrics.refused_inputs.inc();
+                    self.metrics.refused_input(why.reason());
                     if let Some(suppressed) = self.logs.allow(InputLog::Refused) {
                         warn!(watchdog = &*self.id, conn, reason = %why, suppressed, "input refused");
                     }
@@ -801,8 +802,6 @@ mod tests {
             script: Script::parse("quit", "test").unwrap(),
             script_origin: "test".into(),
             pulse_interval: pulse_ms.map(Duration::from_millis),
-            timeout: Duration::from_millis(timeout_ms),
-            grace: grace_ms.map(Duration::from_millis),
             engine: EngineSpec {
                 grace: grace_ms.map(Duration::from_millis),
                 ..EngineSpec::plain(Duration::from_millis(timeout_ms))
@@ -857,7 +856,7 @@ mod tests {
             .send(Control::Command { cmd, reply })
             .await
             .unwrap();
-        rx.await.unwrap()
+        rx.await.unwrap().map_err(|r| r.to_string())
     }
 
     async fn status(h: &Harness) -> WatchdogStatus {
@@ -963,6 +962,43 @@ mod tests {
         assert_eq!(h.metrics.expiries.get(), 0);
         advance(1).await;
         assert_eq!(h.metrics.expiries.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refused_inputs_are_counted_by_reason() {
+        use crate::engine::RefusalReason as R;
+        let h = start(5000, None, Role::Server, None);
+        settle().await;
+        command(
+            &h,
+            Command::Disable(Some(crate::engine::TIMEOUT_NAME.into())),
+        )
+        .await
+        .unwrap();
+        for signal in [
+            Message::Condition("nobody-declared-it".into(), true),
+            Message::Condition(VM_RUNNING.into(), false),
+            Message::SetTimeout(Duration::from_secs(10)),
+            Message::Trigger,
+            Message::Condition("nobody-declared-it".into(), false),
+        ] {
+            h.events
+                .send(ChannelEvent::Signal { conn: 1, signal })
+                .await
+                .unwrap();
+            settle().await;
+        }
+        let counts = R::ALL.map(|r| (r, h.metrics.refused_input_count(r)));
+        assert_eq!(
+            counts,
+            [
+                (R::UnknownCondition, 2),
+                (R::WrongSetter, 1),
+                (R::TimeoutOutOfBounds, 1),
+                (R::TriggerDeactivated, 1),
+                (R::UnknownSupervision, 0),
+            ]
+        );
     }
 
     #[tokio::test(start_paused = true)]

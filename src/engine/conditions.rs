@@ -2,6 +2,30 @@
 
 use super::spec::{ConditionSpec, Setter};
 
+/// Why a condition was not set. Nothing changed; the message names the condition.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConditionRefusal {
+    /// Nobody declared a condition of that name.
+    #[error("condition {name} refused: no such condition (known: {})", known.join(", "))]
+    Unknown {
+        /// The name asked for.
+        name: String,
+        /// Every condition the watchdog declares, in declaration order.
+        known: Vec<String>,
+    },
+    /// The condition belongs to another setter: a guest cannot clear a condition meant for the
+    /// host, nor the operator fake the VM's run state.
+    #[error("condition {name} refused: it is set by the {owner}, not by the {by}")]
+    WrongSetter {
+        /// The condition asked for.
+        name: String,
+        /// The only party that may set it.
+        owner: Setter,
+        /// Who asked.
+        by: Setter,
+    },
+}
+
 /// Every condition an engine knows, in declaration order, with its current value.
 #[derive(Debug, Clone)]
 pub(crate) struct Conditions {
@@ -29,19 +53,19 @@ impl Conditions {
 
     /// Sets `name` to `value` on behalf of `by`. Returns whether the value changed, or why the
     /// request was refused.
-    pub fn set(&mut self, name: &str, value: bool, by: Setter) -> Result<bool, String> {
+    pub fn set(&mut self, name: &str, value: bool, by: Setter) -> Result<bool, ConditionRefusal> {
         let Some((spec, v)) = self.entries.iter_mut().find(|(c, _)| c.name == name) else {
-            let known: Vec<&str> = self.entries.iter().map(|(c, _)| c.name.as_str()).collect();
-            return Err(format!(
-                "condition {name} refused: no such condition (known: {})",
-                known.join(", ")
-            ));
+            return Err(ConditionRefusal::Unknown {
+                name: name.to_owned(),
+                known: self.entries.iter().map(|(c, _)| c.name.clone()).collect(),
+            });
         };
         if spec.set_by != by {
-            return Err(format!(
-                "condition {name} refused: it is set by the {}, not by the {by}",
-                spec.set_by
-            ));
+            return Err(ConditionRefusal::WrongSetter {
+                name: name.to_owned(),
+                owner: spec.set_by,
+                by,
+            });
         }
         Ok(std::mem::replace(v, value) != value)
     }
@@ -63,7 +87,10 @@ mod tests {
             ConditionSpec::new("ready", false, Setter::Guest),
         ]);
         assert!(c.holds("vm-running") && !c.holds("ready") && !c.holds("nope"));
-        let err = c.set("vm-running", false, Setter::Guest).unwrap_err();
+        let err = c
+            .set("vm-running", false, Setter::Guest)
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             err,
             "condition vm-running refused: it is set by the vm, not by the guest"
@@ -71,7 +98,7 @@ mod tests {
         assert!(c.holds("vm-running"));
         assert_eq!(c.set("ready", true, Setter::Guest), Ok(true));
         assert_eq!(c.set("ready", true, Setter::Guest), Ok(false), "no change");
-        let err = c.set("x", true, Setter::Operator).unwrap_err();
+        let err = c.set("x", true, Setter::Operator).unwrap_err().to_string();
         assert!(
             err.contains("no such condition (known: vm-running, ready)"),
             "{err}"

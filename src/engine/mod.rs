@@ -76,11 +76,15 @@
 //! a refused one. Conditions set by the VM or the operator and enable/disable are not input.
 //! `WATCHDOG=trigger` expires the plain timeout at once; while the plain timeout is
 //! deactivated the trigger is refused (nothing is supervising).
+//!
+//! Whatever is refused comes back as a [`Refusal`] in [`Outcome::rejected`]: its message for
+//! the log, and a [`RefusalReason`] to count it by.
 
 pub mod alive;
 mod conditions;
 pub mod deadline;
 pub mod logical;
+mod refusal;
 mod spec;
 mod status;
 pub mod timeout;
@@ -97,6 +101,7 @@ pub use deadline::DeadlineSpec;
 use deadline::DeadlineSupervision;
 pub use logical::LogicalSpec;
 use logical::LogicalSupervision;
+pub use refusal::{ConditionRefusal, Refusal, RefusalReason, TimeoutRefusal};
 use spec::ms;
 pub use spec::{
     ConditionSpec, EngineSpec, Setter, SpecError, SupervisionKind, TIMEOUT_NAME, TimeRange,
@@ -165,7 +170,7 @@ pub enum Event<'a> {
     SetTimeout(Duration),
     /// A condition changes.
     Condition {
-        /// The condition.
+        /// The condition's name, as declared (or [`VM_RUNNING`]).
         name: &'a str,
         /// Its new value.
         value: bool,
@@ -212,7 +217,7 @@ pub struct Change {
     pub from: GlobalStatus,
     /// The status after.
     pub to: GlobalStatus,
-    /// Why.
+    /// What caused it, in words for the log and `awd status`.
     pub reason: String,
 }
 
@@ -240,10 +245,10 @@ pub struct Outcome {
     /// Status changes, in the order they happened; global ones follow the local one that
     /// caused them.
     pub changes: Vec<Change>,
-    /// Why the event (or part of it) was refused, for the log: a `WATCHDOG_USEC=` out of
-    /// bounds, a condition its sender may not set, an unknown supervision. Nothing else changed
-    /// because of it.
-    pub rejected: Option<String>,
+    /// Why the event (or part of it) was refused: a `WATCHDOG_USEC=` out of bounds, a
+    /// condition nobody declared or its sender may not set, a trigger while the plain timeout
+    /// is deactivated, an unknown supervision. Nothing else changed because of it.
+    pub rejected: Option<Refusal>,
 }
 
 /// One supervision with its run-time switches.
@@ -602,7 +607,7 @@ impl WatchdogEngine {
     }
 
     /// Applies one event at `now`; returns why it was refused, if it was.
-    fn apply(&mut self, ev: Event<'_>, now: Instant, local: &mut Tagged) -> Option<String> {
+    fn apply(&mut self, ev: Event<'_>, now: Instant, local: &mut Tagged) -> Option<Refusal> {
         match ev {
             Event::Heartbeat => {
                 self.peer_input(now, local);
@@ -629,9 +634,7 @@ impl WatchdogEngine {
                             local.extend(out.into_iter().map(|c| (i, c)));
                         } else {
                             t.note_input(now);
-                            refused = Some(
-                                "WATCHDOG=trigger refused: the plain timeout is deactivated".into(),
-                            );
+                            refused = Some(Refusal::TriggerDeactivated);
                         }
                     }
                 }
@@ -641,7 +644,7 @@ impl WatchdogEngine {
                 let mut refused = None;
                 for s in &mut self.sups {
                     if let Body::Timeout(t) = &mut s.body {
-                        refused = t.set_timeout(d).err();
+                        refused = t.set_timeout(d).err().map(Refusal::from);
                     }
                 }
                 self.peer_input(now, local);
@@ -652,7 +655,7 @@ impl WatchdogEngine {
                     self.peer_input(now, local);
                 }
                 match self.conditions.set(name, value, by) {
-                    Err(refused) => Some(refused),
+                    Err(refused) => Some(refused.into()),
                     Ok(false) => None,
                     Ok(true) => {
                         let reason = match value {
@@ -710,14 +713,10 @@ impl WatchdogEngine {
                             self.update_activity(i, now, &reason, local);
                             None
                         }
-                        None => {
-                            let names: Vec<&str> =
-                                self.sups.iter().map(|s| s.name.as_str()).collect();
-                            Some(format!(
-                                "no supervision {name} in this watchdog (it has {})",
-                                names.join(", ")
-                            ))
-                        }
+                        None => Some(Refusal::UnknownSupervision {
+                            name: name.to_owned(),
+                            known: self.sups.iter().map(|s| s.name.clone()).collect(),
+                        }),
                     },
                 }
             }
@@ -1078,7 +1077,7 @@ mod tests {
         assert_eq!(e.next_deadline(), Some(t0 + ms(61_000)));
         let o = e.handle(Event::SetTimeout(ms(999)), t0 + ms(2000));
         assert!(o.changes.is_empty());
-        let why = o.rejected.expect("refused");
+        let why = o.rejected.expect("refused").to_string();
         assert!(why.contains("WATCHDOG_USEC=999000 refused"), "{why}");
         assert!(why.contains("1000..=60000 ms"), "{why}");
         assert_eq!(
@@ -1176,7 +1175,7 @@ mod tests {
         let o = e.handle(cond(VM_RUNNING, false, Setter::Guest), t0 + ms(40));
         assert!(
             o.rejected
-                .is_some_and(|r| r.contains("set by the vm, not by the guest"))
+                .is_some_and(|r| r.to_string().contains("set by the vm, not by the guest"))
         );
         assert_eq!(
             e.next_deadline(),
@@ -1219,7 +1218,8 @@ mod tests {
         );
         let o = e.handle(Event::Enable(Some("nope")), t0 + ms(60_000));
         assert!(o.rejected.is_some_and(|r| {
-            r.contains("no supervision nope in this watchdog (it has timeout, loop, req)")
+            r.to_string()
+                .contains("no supervision nope in this watchdog (it has timeout, loop, req)")
         }));
         // Disabling one supervision while the watchdog is off changes nothing yet.
         assert!(
@@ -1240,7 +1240,10 @@ mod tests {
         assert_eq!(e.status(), GO, "the deadline supervision is still on");
         let o = e.handle(Event::Trigger, on + ms(1));
         assert!(o.changes.is_empty());
-        assert!(o.rejected.is_some_and(|r| r.contains("deactivated")));
+        assert!(
+            o.rejected
+                .is_some_and(|r| r.to_string().contains("deactivated"))
+        );
         assert!(e.poll(on + ms(100_000)).is_empty());
         let c = e
             .handle(Event::Enable(Some(TIMEOUT_NAME)), on + ms(100_000))

@@ -6,7 +6,7 @@
 //!   nothing has been heard yet.
 //! * `WATCHDOG=trigger` expires it at once: the peer's own failure notification.
 //! * `WATCHDOG_USEC=` sets a new timeout within [`TimeoutSpec::bounds`]; outside them the
-//!   request is refused with a reason and nothing changes, though the line still counts as
+//!   request is refused with a [`TimeoutRefusal`] and nothing changes, though the line still counts as
 //!   input.
 //! * **Recovery:** once expired it has no deadline and stays expired until the next input,
 //!   which re-arms it with a full timeout.
@@ -15,6 +15,23 @@ use std::time::{Duration, Instant};
 
 use super::spec::{TimeRange, TimeoutSpec, ms};
 use super::status::{Horizon, LocalChange, SupervisionStatus, add};
+
+/// Why a `WATCHDOG_USEC=` was not taken: the timeout asked for lies outside the bounds the
+/// configuration allows. The timeout stays as it was.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "WATCHDOG_USEC={} refused: the timeout must lie within {bounds} (it stays {} ms)",
+    .requested.as_micros(),
+    ms(*.current)
+)]
+pub struct TimeoutRefusal {
+    /// The timeout the peer asked for.
+    pub requested: Duration,
+    /// The accepted range (`timeout_min..=timeout_max`).
+    pub bounds: TimeRange,
+    /// The timeout that stays in force.
+    pub current: Duration,
+}
 
 /// A timer that input refreshes and silence expires. Pure: time comes in as an argument.
 #[derive(Debug, Clone)]
@@ -132,17 +149,16 @@ impl TimeoutSupervision {
 
     /// `WATCHDOG_USEC=`: takes `timeout` if it lies within the bounds, else says why not. The
     /// caller counts the line as input afterwards either way.
-    pub fn set_timeout(&mut self, timeout: Duration) -> Result<(), String> {
+    pub fn set_timeout(&mut self, timeout: Duration) -> Result<(), TimeoutRefusal> {
         if self.bounds.contains(timeout) {
             self.timeout = timeout;
             Ok(())
         } else {
-            Err(format!(
-                "WATCHDOG_USEC={} refused: the timeout must lie within {} (it stays {} ms)",
-                timeout.as_micros(),
-                self.bounds,
-                ms(self.timeout)
-            ))
+            Err(TimeoutRefusal {
+                requested: timeout,
+                bounds: self.bounds,
+                current: self.timeout,
+            })
         }
     }
 
@@ -263,7 +279,7 @@ mod tests {
         let mut s = TimeoutSupervision::new(&spec, None, t0);
         assert!(s.set_timeout(ms(1000)).is_ok());
         assert!(s.set_timeout(ms(60_000)).is_ok());
-        let err = s.set_timeout(ms(60_001)).unwrap_err();
+        let err = s.set_timeout(ms(60_001)).unwrap_err().to_string();
         assert!(err.contains("1000..=60000 ms"), "{err}");
         assert!(err.contains("it stays 60000 ms"), "{err}");
         assert!(s.set_timeout(ms(999)).is_err());
