@@ -774,7 +774,7 @@ mod tests {
             ),
         ];
         for (chardevs, objects, want) in cases {
-            let err = build(chardevs, objects).unwrap_err().to_string();
+            let err = crate::util::error_chain(&build(chardevs, objects).unwrap_err());
             assert!(err.contains(want), "want {want:?}, got {err:?}");
             assert!(!err.contains('\n'), "{err}");
         }

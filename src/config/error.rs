@@ -50,7 +50,7 @@ pub enum ConfigError {
         other: String,
     },
     /// The opt_script could not be read or parsed.
-    #[error("watchdog '{watchdog}': {source}")]
+    #[error("watchdog '{watchdog}'")]
     Script {
         /// The watchdog whose script it is.
         watchdog: String,

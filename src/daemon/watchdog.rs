@@ -1250,7 +1250,7 @@ mod tests {
         h.events
             .send(ChannelEvent::Disconnected {
                 conn: 4,
-                reason: "x".into(),
+                reason: crate::transport::CloseReason::PeerClosed,
             })
             .await
             .unwrap();

@@ -60,6 +60,64 @@ impl ConnWriter for mpsc::Sender<Bytes> {
     }
 }
 
+/// Why a connection closed. The text is what logs say; [`CloseReason::as_str`] is a stable
+/// name for counting and matching, so nobody compares messages.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CloseReason {
+    /// The peer closed at a message boundary.
+    #[error("closed by the peer")]
+    PeerClosed,
+    /// The peer closed with a message half sent.
+    #[error("closed by the peer mid-message")]
+    PeerClosedMidMessage,
+    /// The peer reset the connection (vsock `OP_RST`).
+    #[error("reset by the peer")]
+    PeerReset,
+    /// The peer did not read its pulses for the write timeout.
+    #[error("the peer stopped reading")]
+    PeerNotReading,
+    /// A new connection from the same guest port replaced it.
+    #[error("replaced by a new connection from the same guest port")]
+    Replaced,
+    /// A full server channel closed it to admit a newcomer; the text says which rule chose it.
+    #[error("evicted to admit a new connection: {0}")]
+    Evicted(&'static str),
+    /// Reading failed.
+    #[error("read error")]
+    Read(#[source] Arc<std::io::Error>),
+    /// The QEMU serving the vsock device went away.
+    #[error("QEMU disconnected")]
+    FrontendGone,
+    /// The guest stopped the vsock device (a ring stopped: a reboot or a driver unload).
+    #[error("the guest stopped the device")]
+    DeviceStopped,
+    /// The vsock device was reset by the frontend.
+    #[error("the device was reset")]
+    DeviceReset,
+    /// awd is stopping.
+    #[error("awd is shutting down")]
+    Shutdown,
+}
+
+impl CloseReason {
+    /// A stable snake_case name, for logs and counters.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            CloseReason::PeerClosed => "peer_closed",
+            CloseReason::PeerClosedMidMessage => "peer_closed_mid_message",
+            CloseReason::PeerReset => "peer_reset",
+            CloseReason::PeerNotReading => "peer_not_reading",
+            CloseReason::Replaced => "replaced",
+            CloseReason::Evicted(_) => "evicted",
+            CloseReason::Read(_) => "read_error",
+            CloseReason::FrontendGone => "frontend_gone",
+            CloseReason::DeviceStopped => "device_stopped",
+            CloseReason::DeviceReset => "device_reset",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+}
+
 /// What a transport tells its watchdog.
 #[derive(Debug)]
 pub enum ChannelEvent {
@@ -76,8 +134,8 @@ pub enum ChannelEvent {
     Disconnected {
         /// The connection.
         conn: ConnId,
-        /// Why, for logs.
-        reason: String,
+        /// Why.
+        reason: CloseReason,
     },
     /// Input arrived: proof of life, which refreshes the timer whatever `count` is. Coalesced:
     /// one event per read, not per line.
@@ -454,5 +512,34 @@ mod tests {
             &mut out,
         );
         assert_eq!(kinds(&out), [("beat", 0), ("signal", 0)]);
+    }
+
+    #[test]
+    fn close_reasons_have_stable_names_and_keep_their_source() {
+        let read = CloseReason::Read(Arc::new(std::io::Error::other("connection reset")));
+        assert_eq!(
+            crate::util::error_chain(&read),
+            "read error: connection reset"
+        );
+        assert_eq!(read.as_str(), "read_error");
+        let all = [
+            CloseReason::PeerClosed,
+            CloseReason::PeerClosedMidMessage,
+            CloseReason::PeerReset,
+            CloseReason::PeerNotReading,
+            CloseReason::Replaced,
+            CloseReason::Evicted("it never sent anything"),
+            read,
+            CloseReason::FrontendGone,
+            CloseReason::DeviceStopped,
+            CloseReason::DeviceReset,
+            CloseReason::Shutdown,
+        ];
+        let names: std::collections::BTreeSet<&str> = all.iter().map(CloseReason::as_str).collect();
+        assert_eq!(names.len(), all.len(), "each reason has its own name");
+        assert_eq!(
+            CloseReason::Evicted("it never sent anything").to_string(),
+            "evicted to admit a new connection: it never sent anything"
+        );
     }
 }

@@ -32,10 +32,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::limits::{READ_CHUNK, WRITE_TIMEOUT};
-use super::{ChannelContext, ChannelEvent, Intake, next_conn_id};
+use super::{ChannelContext, ChannelEvent, CloseReason, Intake, next_conn_id};
 use super::{Cidr, Endpoint, SocketChardev};
 use crate::metrics::EVICT_REASONS;
-use crate::util::{LogLimiter, UnixPathGuard, bind_unix_std};
+use crate::util::{LogLimiter, UnixPathGuard, bind_unix_std, error_chain};
 
 /// Why a socket channel could not start.
 #[derive(Debug, thiserror::Error)]
@@ -563,17 +563,17 @@ async fn serve_connection<S>(
     let reason = loop {
         buf.clear();
         let n = tokio::select! {
-            _ = shutdown.cancelled() => break "awd is shutting down".to_owned(),
-            _ = closed.cancelled() => break "the peer stopped reading".to_owned(),
+            _ = shutdown.cancelled() => break CloseReason::Shutdown,
+            _ = closed.cancelled() => break CloseReason::PeerNotReading,
             _ = evicted.cancelled() => {
                 let why = slot.as_ref().and_then(|s| s.why.get().copied()).map_or("", EvictReason::describe);
-                break format!("evicted to admit a new connection: {why}");
+                break CloseReason::Evicted(why);
             }
             r = rd.read_buf(&mut buf) => r,
         };
         match n {
-            Ok(0) if intake.is_mid_message() => break "closed by the peer mid-message".to_owned(),
-            Ok(0) => break "closed by the peer".to_owned(),
+            Ok(0) if intake.is_mid_message() => break CloseReason::PeerClosedMidMessage,
+            Ok(0) => break CloseReason::PeerClosed,
             Ok(_) => {
                 if let Some(s) = &slot {
                     s.touch();
@@ -586,12 +586,12 @@ async fn serve_connection<S>(
                     }
                 }
             }
-            Err(e) => break format!("read error: {e}"),
+            Err(e) => break CloseReason::Read(Arc::new(e)),
         }
     };
     ctx.metrics.connections.dec();
     if let Some(suppressed) = ConnSlot::may_log(slot.as_ref()) {
-        info!(watchdog = &*ctx.watchdog, channel = &*ctx.channel, conn, %peer, suppressed, "disconnected: {reason}");
+        info!(watchdog = &*ctx.watchdog, channel = &*ctx.channel, conn, %peer, suppressed, "disconnected: {}", error_chain(&reason));
     }
     let _ = ctx
         .events
@@ -779,6 +779,7 @@ mod tests {
         else {
             unreachable!()
         };
+        let reason = reason.to_string();
         assert!(
             reason.contains("evicted") && reason.contains("never sent anything"),
             "{reason}"

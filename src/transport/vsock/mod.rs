@@ -86,7 +86,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::transport::ChannelContext;
+use crate::transport::{ChannelContext, CloseReason};
 use crate::util::{UnixPathGuard, bind_unix_std};
 pub use collector::VsockCollector;
 pub use device::VsockBackend;
@@ -429,7 +429,7 @@ impl Server {
             }
             self.serve_one();
         }
-        self.backend().frontend_gone("awd is shutting down");
+        self.backend().frontend_gone(CloseReason::Shutdown);
         debug!(device = &*self.name, "vsock device stopped");
     }
 
@@ -494,9 +494,9 @@ impl Server {
         wait_for_workers(&self.name, &workers);
         drop(workers);
         let reason = if self.ctl.stopping() {
-            "awd is shutting down"
+            CloseReason::Shutdown
         } else {
-            "QEMU disconnected"
+            CloseReason::FrontendGone
         };
         self.backend().frontend_gone(reason);
         match result {

@@ -24,7 +24,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::super::VsockPort;
 use super::super::limits::{MAX_BACKLOG, RETRY_DELAY};
 use crate::transport::ChannelContext;
-use crate::transport::{ChannelEvent, ConnId, ConnWriter};
+use crate::transport::{ChannelEvent, CloseReason, ConnId, ConnWriter};
 
 /// One configured port and the events its watchdog has not taken yet.
 #[derive(Debug)]
@@ -208,11 +208,14 @@ impl Delivery {
 
     /// Tells port `idx`'s watchdog that connection `conn` closed, after its heartbeats in
     /// `beats` and everything already queued.
-    pub(super) fn disconnected(&mut self, idx: usize, conn: ConnId, beats: &mut u32, reason: &str) {
-        let ev = ChannelEvent::Disconnected {
-            conn,
-            reason: reason.to_owned(),
-        };
+    pub(super) fn disconnected(
+        &mut self,
+        idx: usize,
+        conn: ConnId,
+        beats: &mut u32,
+        reason: CloseReason,
+    ) {
+        let ev = ChannelEvent::Disconnected { conn, reason };
         self.ports[idx].send_ordered(conn, beats, ev, false);
     }
 
@@ -417,8 +420,8 @@ mod tests {
         d.flush([(0, 1, &mut b)]);
         assert_eq!(b, 0);
         assert_eq!(heard(&mut rxs[0]), ["beats 1 1"]);
-        d.disconnected(0, 1, &mut b, "gone");
-        assert_eq!(heard(&mut rxs[0]), ["disconnected 1 gone"]);
+        d.disconnected(0, 1, &mut b, CloseReason::PeerClosed);
+        assert_eq!(heard(&mut rxs[0]), ["disconnected 1 closed by the peer"]);
         assert!(
             heard(&mut rxs[1]).is_empty(),
             "the other port hears nothing"
@@ -439,7 +442,7 @@ mod tests {
         d.decoded(0, 2, &mut b, [beats(2, 4)]);
         d.decoded(0, 1, &mut a, [beats(1, 1)]);
         d.decoded(0, 1, &mut a, [beats(1, 1)]);
-        d.disconnected(0, 1, &mut a, "reset");
+        d.disconnected(0, 1, &mut a, CloseReason::PeerReset);
         assert!(d.has_backlog());
         let mut conns = [(0, 2, b)];
         let got = drain_one_by_one(&mut d, &mut rxs[0], &mut conns);
@@ -451,7 +454,7 @@ mod tests {
                 "signal 1",
                 "connected 2",
                 "beats 1 2",
-                "disconnected 1 reset",
+                "disconnected 1 reset by the peer",
                 "beats 2 4",
             ]
         );
@@ -468,7 +471,7 @@ mod tests {
         assert!(d.congested(0));
         assert!(!d.congested(1), "only that port");
         // Connection events and start-overs are never refused.
-        d.disconnected(0, 1, &mut b, "reset");
+        d.disconnected(0, 1, &mut b, CloseReason::PeerReset);
         d.started_over("reboot");
         assert_eq!(b, 0);
         let got = drain_one_by_one(&mut d, &mut rxs[0], &mut []);
@@ -481,7 +484,11 @@ mod tests {
         assert_eq!(got.iter().filter(|e| *e == "signal 1").count(), MAX_BACKLOG);
         assert_eq!(
             &got[got.len() - 3..],
-            ["beats 1 5", "disconnected 1 reset", "started over reboot"]
+            [
+                "beats 1 5",
+                "disconnected 1 reset by the peer",
+                "started over reboot"
+            ]
         );
         assert!(!d.congested(0));
         assert_eq!(heard(&mut rxs[1]), ["started over reboot"]);
@@ -511,7 +518,7 @@ mod tests {
         d.flush([(0, 1, &mut b)]);
         assert!(!d.has_backlog());
         d.decoded(0, 1, &mut b, [beats(1, 3), status(1, "y")]);
-        d.disconnected(0, 1, &mut b, "reset");
+        d.disconnected(0, 1, &mut b, CloseReason::PeerReset);
         d.started_over("reboot");
         d.flush([(0, 1, &mut b)]);
         assert_eq!(b, 0);

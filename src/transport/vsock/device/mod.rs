@@ -51,7 +51,7 @@ use super::limits::{LOG_BURST, LOG_PERIOD, MAX_CONNECTIONS, MAX_PKT_PAYLOAD, MAX
 use super::packet::Header;
 use super::stats::{Malformed, VsockCounters};
 use crate::transport::ChannelContext;
-use crate::transport::{ChannelEvent, Intake};
+use crate::transport::{ChannelEvent, CloseReason, Intake};
 use crate::util::LogLimiter;
 
 /// Guest memory as the vhost-user daemon hands it over.
@@ -171,7 +171,7 @@ impl VsockBackend {
 
     /// The frontend went away (or awd is stopping): every connection is gone with it. The
     /// watchdogs hear `Disconnected`; their timers are not touched.
-    pub fn frontend_gone(&mut self, reason: &str) {
+    pub fn frontend_gone(&mut self, reason: CloseReason) {
         self.reset_connections(reason);
         self.mem = None;
         self.event_idx = false;
@@ -270,9 +270,9 @@ impl VsockBackend {
     }
 
     /// Closes every connection and forgets pending control packets.
-    fn reset_connections(&mut self, reason: &str) {
+    fn reset_connections(&mut self, reason: CloseReason) {
         while !self.conns.is_empty() {
-            self.close(self.conns.len() - 1, reason);
+            self.close(self.conns.len() - 1, reason.clone());
         }
         self.control.clear();
         self.rr = 0;
@@ -346,7 +346,7 @@ impl VhostUserBackendMut for VsockBackend {
 
     fn reset_device(&mut self) {
         // VHOST_USER_RESET_DEVICE: the frontend reset the device as a whole.
-        self.reset_connections("the device was reset");
+        self.reset_connections(CloseReason::DeviceReset);
         self.restart_check = false;
         self.started_over("the device was reset");
     }
@@ -356,7 +356,7 @@ impl VhostUserBackendMut for VsockBackend {
         // guest driver starts from scratch afterwards, so its old connections are gone.
         self.restart_check = true;
         if !self.conns.is_empty() || !self.control.is_empty() {
-            self.reset_connections("the guest stopped the device");
+            self.reset_connections(CloseReason::DeviceStopped);
             self.flush_events();
         }
         Ok(())

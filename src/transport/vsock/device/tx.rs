@@ -34,10 +34,7 @@ use super::super::packet::{
 use super::super::stats::Malformed;
 use super::super::tx::read_tx_chain;
 use super::{MemGuard, TX_QUEUE, VsockBackend, is_live, notify, peer_name};
-use crate::transport::{Intake, next_conn_id};
-
-/// The reason given when the guest shuts a connection down.
-const CLOSED_BY_PEER: &str = "closed by the peer";
+use crate::transport::{CloseReason, Intake, next_conn_id};
 
 impl VsockBackend {
     /// Handles every chain the guest has made available on the tx queue, and tells it.
@@ -182,10 +179,10 @@ impl VsockBackend {
             OP_CREDIT_UPDATE => {}
             OP_CREDIT_REQUEST => c.need_credit_update = true,
             OP_SHUTDOWN => {
-                self.close(i, CLOSED_BY_PEER);
+                self.close(i, CloseReason::PeerClosed);
                 self.queue_rst(hdr);
             }
-            OP_RST => self.close(i, "reset by the peer"),
+            OP_RST => self.close(i, CloseReason::PeerReset),
             _ => self.malformed(
                 Malformed::UnknownOp,
                 format_args!(
@@ -207,7 +204,7 @@ impl VsockBackend {
         };
         if let Some(i) = existing {
             // The guest forgot the old connection (it rebooted while we did not see it).
-            self.close(i, "replaced by a new connection from the same guest port");
+            self.close(i, CloseReason::Replaced);
         }
         if self.conns.len() >= MAX_CONNECTIONS {
             self.refuse(hdr, "too many open connections");
@@ -263,16 +260,17 @@ impl VsockBackend {
 
     /// Closes connection `i`: the watchdog hears `Disconnected` (after anything still queued
     /// for it) and its writer starts answering `Closed`.
-    pub(super) fn close(&mut self, i: usize, reason: &str) {
+    pub(super) fn close(&mut self, i: usize, reason: CloseReason) {
         if i >= self.conns.len() {
             return;
         }
         let mut c = self.conns.swap_remove(i);
         c.outbox.close();
-        let reason = if reason == CLOSED_BY_PEER && c.intake.is_mid_message() {
-            "closed by the peer mid-message"
-        } else {
-            reason
+        let reason = match reason {
+            CloseReason::PeerClosed if c.intake.is_mid_message() => {
+                CloseReason::PeerClosedMidMessage
+            }
+            reason => reason,
         };
         let ctx = self.delivery.ctx(c.port_idx);
         ctx.metrics.connections.dec();

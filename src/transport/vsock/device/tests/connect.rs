@@ -73,7 +73,7 @@ fn a_shutdown_is_answered_with_a_reset_and_disconnects() {
     assert!(matches!(evs[0], ChannelEvent::Heartbeats { count: 1, .. }));
     assert!(
         matches!(&evs[1], ChannelEvent::Disconnected { conn: c, reason }
-            if *c == conn && reason == "closed by the peer mid-message"),
+            if *c == conn && matches!(reason, CloseReason::PeerClosedMidMessage)),
         "{evs:?}"
     );
     assert_eq!(d.backend.connection_count(), 0);
@@ -102,7 +102,7 @@ fn a_guest_reset_disconnects_without_a_reply() {
     let evs = d.events(9009);
     assert!(
         matches!(&evs[..], [ChannelEvent::Disconnected { conn: c, reason }]
-            if *c == conn && reason == "reset by the peer"),
+            if *c == conn && matches!(reason, CloseReason::PeerReset)),
         "{evs:?}"
     );
     // A reset for nothing is ignored, not counted.

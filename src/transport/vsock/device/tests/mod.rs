@@ -16,7 +16,7 @@ use super::super::packet::*;
 use super::super::test_driver::*;
 use super::*;
 use crate::protocol::{Message, PULSE, frame};
-use crate::transport::{ConnId, ConnWriter, TryWriteError};
+use crate::transport::{CloseReason, ConnId, ConnWriter, TryWriteError};
 use bytes::Bytes;
 use vm_memory::Bytes as _;
 

@@ -158,7 +158,7 @@ proptest! {
         let rx = &d.rings[usize::from(RX_QUEUE)];
         prop_assert!(rx.outstanding(&d.mem) <= (rx_buffers + 8) as u16);
         prop_assert!(d.backend.connection_count() <= MAX_CONNECTIONS);
-        d.backend.frontend_gone("test over");
+        d.backend.frontend_gone(CloseReason::Shutdown);
         prop_assert_eq!(d.backend.connection_count(), 0);
         prop_assert_eq!(d.counters.snapshot().connections_open, 0);
     }

@@ -8,12 +8,12 @@ fn a_frontend_disconnect_drops_every_connection_but_leaves_the_timer_alone() {
     let mut d = Driver::new(16);
     let (a, tx) = connect(&mut d, 1000, 9009);
     let (b, _) = connect(&mut d, 1001, 9010);
-    d.backend.frontend_gone("QEMU disconnected");
+    d.backend.frontend_gone(CloseReason::FrontendGone);
     let ea = d.events(9009);
     let eb = d.events(9010);
     assert!(
         matches!(&ea[..], [ChannelEvent::Disconnected { conn, reason }]
-        if *conn == a && reason == "QEMU disconnected")
+        if *conn == a && matches!(reason, CloseReason::FrontendGone))
     );
     assert!(matches!(&eb[..], [ChannelEvent::Disconnected { conn, .. }] if *conn == b));
     assert_eq!(
@@ -38,7 +38,7 @@ fn stopping_the_vrings_resets_connections() {
     let evs = d.events(9009);
     assert_eq!(evs.len(), 1);
     assert!(matches!(&evs[0], ChannelEvent::Disconnected { reason, .. }
-        if reason == "the guest stopped the device"));
+        if matches!(reason, CloseReason::DeviceStopped)));
 }
 
 #[test]
