@@ -33,7 +33,8 @@ use crate::util::{UnixPathGuard, clear_stale_socket, error_chain};
 /// Where the control socket is unless `--control` says otherwise.
 pub const DEFAULT_PATH: &str = "/run/awd/control.sock";
 
-/// The longest request line accepted.
+/// The longest request line accepted: a request is a short JSON object (a command and a
+/// watchdog id), so 64 KiB refuses only a confused or hostile client, before it costs memory.
 const MAX_REQUEST: usize = 64 * 1024;
 
 /// One request.

@@ -14,6 +14,7 @@
 //! whose supervision or script changed is reconfigured in place (its connections stay, its
 //! supervision restarts from now); one whose channel changed is replaced.
 
+pub mod limits;
 pub mod reload;
 pub mod systemd;
 pub mod watchdog;
@@ -38,13 +39,11 @@ use crate::transport::ChannelEvent;
 use crate::transport::socket::{self, Listener, SocketError};
 use crate::transport::vsock::{self, VsockDevice, VsockDeviceConfig, VsockError, VsockPort};
 use crate::transport::{ChannelContext, SocketChardev};
+use limits::CONTROL_TIMEOUT;
 use reload::{
     Layout, Refusal, ReloadPlan, RunnerStep, VsockSpec, VsockStep, WatchdogSpec, WatchdogStep,
 };
 use watchdog::{Command, Control, Links, WatchdogStatus, WatchdogTask};
-
-/// How long a watchdog task has to answer a control request.
-const CONTROL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why the daemon could not start, or a reload was refused.
 #[derive(Debug, thiserror::Error)]
@@ -644,7 +643,7 @@ impl Daemon {
             {
                 p.listeners.insert(id.clone(), socket::bind(s).await?);
             }
-            let (tx, rx) = mpsc::channel(watchdog::EVENT_QUEUE);
+            let (tx, rx) = mpsc::channel(limits::EVENT_QUEUE);
             let wm = self.inner.metrics.watchdog(id, &w.cfg.awd_node);
             p.channels.insert(id.clone(), (tx, rx, wm));
         }

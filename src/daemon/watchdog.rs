@@ -25,6 +25,7 @@ use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, trace, warn};
 
+use super::limits::{EVENT_QUEUE, MAX_UNANSWERED};
 use crate::action::script::Script;
 use crate::action::{Job, RunnerHandle, VmState};
 use crate::config::{EscalationStep, Role, WatchdogConfig};
@@ -205,14 +206,6 @@ impl InputLogs {
         self.0[kind as usize].allow(now())
     }
 }
-
-/// The capacity of a watchdog's channel-event queue (made in `daemon`): the most events a
-/// deadline drains before it is judged.
-pub const EVENT_QUEUE: usize = 1024;
-
-/// Unanswered pulses remembered per connection; older ones are forgotten (their replies are
-/// then not measured).
-const MAX_UNANSWERED: usize = 16;
 
 fn pulse_timer(role: Role, interval: Option<Duration>) -> Option<Interval> {
     match (role, interval) {

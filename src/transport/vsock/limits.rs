@@ -72,7 +72,7 @@ pub const MAX_CONTROL: usize = MAX_QUEUE_SIZE;
 // ---- events to the watchdogs ----
 
 /// Most events waiting for one watchdog's full channel, on top of the channel itself (1,024
-/// events, `daemon::watchdog::EVENT_QUEUE`). Past it, signals are counted as heartbeats instead
+/// events, `daemon::limits::EVENT_QUEUE`). Past it, signals are counted as heartbeats instead
 /// (still proof of life) and new connections to that port are refused; connection events are
 /// never dropped. A watchdog has to fall two channels behind before anything is coalesced.
 pub const MAX_BACKLOG: usize = 1024;
