@@ -77,16 +77,16 @@ pub enum MonitorError {
     /// TCP or Unix connect failed.
     #[error("cannot connect to {endpoint}")]
     Connect {
-        /// Where.
+        /// The monitor's address.
         endpoint: String,
-        /// Why.
+        /// The connect error (refused, no such socket, timed out).
         #[source]
         source: std::io::Error,
     },
     /// Connect + greeting took too long.
     #[error("{endpoint}: no greeting within {timeout:?}")]
     Timeout {
-        /// Where.
+        /// The monitor's address.
         endpoint: String,
         /// The limit.
         timeout: Duration,
@@ -97,7 +97,7 @@ pub enum MonitorError {
         "{endpoint}: no greeting within {timeout:?} from a node known as {kind} (QEMU hung, or another client holds the monitor)"
     )]
     GreetingLate {
-        /// Where.
+        /// The monitor's address.
         endpoint: String,
         /// What it was last time.
         kind: Kind,
@@ -107,24 +107,24 @@ pub enum MonitorError {
     /// The peer closed the connection at once.
     #[error("{endpoint}: closed before greeting")]
     ClosedAtGreeting {
-        /// Where.
+        /// The monitor's address.
         endpoint: String,
     },
     /// The greeting looked like QMP, but the handshake failed.
     #[error("{endpoint}")]
     Qmp {
-        /// Where.
+        /// The monitor's address.
         endpoint: String,
-        /// Why.
+        /// What went wrong in the QMP handshake.
         #[source]
         source: QmpError,
     },
     /// Reading the greeting failed.
     #[error("{endpoint}: reading the greeting failed")]
     Read {
-        /// Where.
+        /// The monitor's address.
         endpoint: String,
-        /// Why.
+        /// The read error.
         #[source]
         source: std::io::Error,
     },

@@ -100,7 +100,7 @@ pub enum ScriptError {
     Read {
         /// The file.
         path: String,
-        /// Why.
+        /// The read error (missing file, no permission).
         #[source]
         source: std::io::Error,
     },

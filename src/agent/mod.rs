@@ -133,7 +133,7 @@ pub enum AgentError {
     LineInvalid {
         /// The line, shortened.
         line: String,
-        /// Why.
+        /// What the agent would answer to it.
         reason: Refusal,
     },
     /// The agent answered `ERR reason`.

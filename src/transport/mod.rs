@@ -134,7 +134,7 @@ pub enum ChannelEvent {
     Disconnected {
         /// The connection.
         conn: ConnId,
-        /// Why.
+        /// How it ended: the peer, awd, the device or an error.
         reason: CloseReason,
     },
     /// Input arrived: proof of life, which refreshes the timer whatever `count` is. Coalesced:

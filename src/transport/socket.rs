@@ -45,9 +45,9 @@ pub enum SocketError {
     Bind {
         /// The chardev id.
         chardev: String,
-        /// Where.
+        /// The address it tried to listen on.
         endpoint: String,
-        /// Why.
+        /// The bind error (address in use, permission denied, bad address).
         #[source]
         source: io::Error,
     },
