@@ -350,10 +350,7 @@ mod tests {
 
     use super::*;
     use crate::protocol::{Decoder, Message};
-
-    fn ms(n: u64) -> Duration {
-        Duration::from_millis(n)
-    }
+    use crate::util::ms;
 
     fn text(hm: HealthMonitor<Vec<u8>>) -> String {
         String::from_utf8(hm.into_writer().expect("last clone")).expect("utf-8")

@@ -132,6 +132,11 @@ pub fn clear_stale_socket(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// `n` milliseconds: the unit configs and tests write times in.
+pub fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -552,9 +552,21 @@ async fn track_vm(client: Arc<qmp::QmpClient>, tx: Arc<watch::Sender<VmState>>, 
 }
 
 #[cfg(test)]
+impl Job {
+    /// A job of `watchdog` running the script `text`, with counters of its own (unit tests).
+    pub(crate) fn for_test(watchdog: &str, text: &str) -> Job {
+        Job {
+            process: 0,
+            watchdog: watchdog.into(),
+            script: Arc::new(Script::parse(text, "t").unwrap()),
+            metrics: crate::metrics::Metrics::new().watchdog(watchdog, "hb"),
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::Metrics;
     use crate::transport::Endpoint;
     use serde_json::json;
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -585,12 +597,7 @@ mod tests {
     }
 
     fn job(wd: &str, text: &str) -> Job {
-        Job {
-            process: 0,
-            watchdog: wd.into(),
-            script: Arc::new(Script::parse(text, "t").unwrap()),
-            metrics: Metrics::new().watchdog(wd, "hb"),
-        }
+        Job::for_test(wd, text)
     }
 
     async fn report(rx: &mut mpsc::UnboundedReceiver<LineReport>) -> LineReport {

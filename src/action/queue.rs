@@ -186,16 +186,10 @@ impl JobQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::action::script::Script;
     use crate::metrics::Metrics;
 
     fn job(wd: &str, script: &str) -> Job {
-        Job {
-            process: 0,
-            watchdog: wd.into(),
-            script: Arc::new(Script::parse(script, "t").unwrap()),
-            metrics: Metrics::new().watchdog(wd, "hb"),
-        }
+        Job::for_test(wd, script)
     }
 
     fn name(j: &Job) -> String {

@@ -769,7 +769,7 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{PULSE_REPLY, frame};
+    use crate::protocol::{PULSE, PULSE_REPLY, frame};
     use std::io::{BufRead, BufReader};
     use std::io::{Read, Write};
     use std::os::unix::fs::PermissionsExt;
@@ -782,6 +782,53 @@ mod tests {
     const LIMIT: Duration = Duration::from_secs(10);
     /// An interval long enough that no second heartbeat comes during a test.
     const HOUR: Duration = Duration::from_secs(3600);
+
+    /// A running agent with its local socket, heartbeating (hourly) to a host that has heard
+    /// the first heartbeat. The directory holds both sockets.
+    fn running_with_host() -> (tempfile::TempDir, PathBuf, Host, Running) {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("agent.sock");
+        let mut host = Host::bind(&dir.path().join("host.sock"));
+        let agent = Running::start(config(
+            Target::Unix(dir.path().join("host.sock")),
+            Some(&sock),
+            HOUR,
+        ));
+        assert_eq!(host.line(), "WATCHDOG=1");
+        (dir, sock, host, agent)
+    }
+
+    /// A paired agent that heartbeats every 5 ms and wants a pulse every `every`.
+    fn expecting_pulses(every: Duration) -> (Agent, UnixStream) {
+        let mut cfg = config(
+            Target::Unix("/unused".into()),
+            None,
+            Duration::from_millis(5),
+        );
+        cfg.expect_pulses = Some(every);
+        paired(cfg)
+    }
+
+    /// A running agent with its local socket and no host listening.
+    fn running_without_host() -> (tempfile::TempDir, PathBuf, Running) {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("agent.sock");
+        let agent = Running::start(config(
+            Target::Unix(dir.path().join("absent.sock")),
+            Some(&sock),
+            HOUR,
+        ));
+        (dir, sock, agent)
+    }
+
+    /// An agent already connected to one end of a socket pair; the other end is the host.
+    fn paired(cfg: AgentConfig) -> (Agent, UnixStream) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let mut agent = Agent::new(cfg);
+        agent.conn = Some(Conn::Unix(ours));
+        (agent, theirs)
+    }
 
     fn config(target: Target, socket: Option<&Path>, interval: Duration) -> AgentConfig {
         AgentConfig {
@@ -980,16 +1027,13 @@ mod tests {
 
     #[test]
     fn a_host_that_does_not_read_never_blocks_the_agent() {
-        let (ours, _theirs) = UnixStream::pair().unwrap();
-        ours.set_nonblocking(true).unwrap();
         let mut cfg = config(
             Target::Unix("/unused".into()),
             None,
             Duration::from_millis(1),
         );
         cfg.message = "x".repeat(1000);
-        let mut agent = Agent::new(cfg);
-        agent.conn = Some(Conn::Unix(ours));
+        let (mut agent, _theirs) = paired(cfg);
         for _ in 0..2000 {
             agent.beat();
         }
@@ -1001,19 +1045,8 @@ mod tests {
 
     #[test]
     fn pulses_are_counted_and_their_absence_is_an_error() {
-        let (ours, mut theirs) = UnixStream::pair().unwrap();
-        ours.set_nonblocking(true).unwrap();
-        let mut cfg = config(
-            Target::Unix("/unused".into()),
-            None,
-            Duration::from_millis(5),
-        );
-        cfg.expect_pulses = Some(Duration::from_millis(50));
-        let mut agent = Agent::new(cfg);
-        agent.conn = Some(Conn::Unix(ours));
-        theirs
-            .write_all(&crate::protocol::frame(crate::protocol::PULSE.as_bytes()))
-            .unwrap();
+        let (mut agent, mut theirs) = expecting_pulses(Duration::from_millis(50));
+        theirs.write_all(&frame(PULSE.as_bytes())).unwrap();
         agent
             .wait(Instant::now() + Duration::from_millis(5))
             .unwrap();
@@ -1024,17 +1057,8 @@ mod tests {
 
     #[test]
     fn any_byte_from_the_host_proves_it_alive_a_partial_pulse_too() {
-        let (ours, mut theirs) = UnixStream::pair().unwrap();
-        ours.set_nonblocking(true).unwrap();
-        let mut cfg = config(
-            Target::Unix("/unused".into()),
-            None,
-            Duration::from_millis(5),
-        );
-        cfg.expect_pulses = Some(Duration::from_secs(60));
-        let mut agent = Agent::new(cfg);
-        agent.conn = Some(Conn::Unix(ours));
-        let pulse = crate::protocol::frame(crate::protocol::PULSE.as_bytes());
+        let (mut agent, mut theirs) = expecting_pulses(Duration::from_secs(60));
+        let pulse = frame(PULSE.as_bytes());
         let before = Instant::now();
         agent.last_pulse = before - Duration::from_secs(30);
         theirs.write_all(&pulse[..3]).unwrap();
@@ -1052,13 +1076,10 @@ mod tests {
 
     #[test]
     fn with_reply_pulses_each_pulse_is_answered_at_once() {
-        let (ours, mut theirs) = UnixStream::pair().unwrap();
-        ours.set_nonblocking(true).unwrap();
         let mut cfg = config(Target::Unix("/unused".into()), None, HOUR);
         cfg.reply_pulses = true;
-        let mut agent = Agent::new(cfg);
-        agent.conn = Some(Conn::Unix(ours));
-        let pulse = crate::protocol::frame(crate::protocol::PULSE.as_bytes());
+        let (mut agent, mut theirs) = paired(cfg);
+        let pulse = frame(PULSE.as_bytes());
         theirs
             .write_all(&[&pulse[..], &pulse[..]].concat())
             .unwrap();
@@ -1150,15 +1171,7 @@ mod tests {
 
     #[test]
     fn a_checkpoint_from_a_local_client_reaches_the_host_at_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("agent.sock");
-        let mut host = Host::bind(&dir.path().join("host.sock"));
-        let agent = Running::start(config(
-            Target::Unix(dir.path().join("host.sock")),
-            Some(&sock),
-            HOUR,
-        ));
-        assert_eq!(host.line(), "WATCHDOG=1");
+        let (_dir, sock, mut host, agent) = running_with_host();
         // The next heartbeat is an hour away: the checkpoint goes out now.
         relay::send_line(&sock, "CHECKPOINT=boot").unwrap();
         assert_eq!(host.line(), "CHECKPOINT=boot");
@@ -1203,15 +1216,7 @@ mod tests {
 
     #[test]
     fn bad_lines_are_refused_and_never_reach_the_host() {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("agent.sock");
-        let mut host = Host::bind(&dir.path().join("host.sock"));
-        let agent = Running::start(config(
-            Target::Unix(dir.path().join("host.sock")),
-            Some(&sock),
-            HOUR,
-        ));
-        assert_eq!(host.line(), "WATCHDOG=1");
+        let (dir, sock, mut host, agent) = running_with_host();
         let mut client = Client::connect(&sock);
         client.send(
             b"hello\nCHECKPOINT=a b\nCONDITION=x\nWATCHDOG_USEC=abc\n\
@@ -1250,13 +1255,7 @@ mod tests {
 
     #[test]
     fn without_the_host_a_line_is_dropped_and_refused_as_unreachable() {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("agent.sock");
-        let agent = Running::start(config(
-            Target::Unix(dir.path().join("absent.sock")),
-            Some(&sock),
-            HOUR,
-        ));
+        let (_dir, sock, agent) = running_without_host();
         let err = relay::send_line(&sock, "CHECKPOINT=boot").unwrap_err();
         match &err {
             AgentError::LineRefused { line, reason } => {
@@ -1282,12 +1281,9 @@ mod tests {
     fn a_host_that_does_not_read_gets_no_relayed_line_and_the_client_hears_why() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("agent.sock");
-        let (ours, _theirs) = UnixStream::pair().unwrap();
-        ours.set_nonblocking(true).unwrap();
         let mut cfg = config(Target::Unix("/unused".into()), Some(&sock), HOUR);
         cfg.message = "x".repeat(1000);
-        let mut agent = Agent::new(cfg);
-        agent.conn = Some(Conn::Unix(ours));
+        let (mut agent, _theirs) = paired(cfg);
         agent.listen().unwrap();
         while agent.stats().skipped == 0 {
             agent.beat(); // fill the host's buffer
@@ -1301,15 +1297,7 @@ mod tests {
 
     #[test]
     fn a_ten_megabyte_line_and_invalid_utf8_get_err_and_the_agent_goes_on() {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("agent.sock");
-        let mut host = Host::bind(&dir.path().join("host.sock"));
-        let agent = Running::start(config(
-            Target::Unix(dir.path().join("host.sock")),
-            Some(&sock),
-            HOUR,
-        ));
-        assert_eq!(host.line(), "WATCHDOG=1");
+        let (_dir, sock, mut host, agent) = running_with_host();
         let mut client = Client::connect(&sock);
         let mut huge = vec![b'a'; 10 * 1024 * 1024];
         huge.extend_from_slice(b"\nSTATUS=\xff\xfe\nCHECKPOINT=after\n");
@@ -1338,13 +1326,7 @@ mod tests {
 
     #[test]
     fn clients_beyond_the_limit_are_refused_and_a_freed_slot_is_reused() {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("agent.sock");
-        let agent = Running::start(config(
-            Target::Unix(dir.path().join("absent.sock")),
-            Some(&sock),
-            HOUR,
-        ));
+        let (_dir, sock, agent) = running_without_host();
         let mut held: Vec<Client> = (0..MAX_CLIENTS).map(|_| Client::connect(&sock)).collect();
         let mut extra = Client::connect(&sock);
         assert_eq!(extra.reply(), format!("ERR {}", Refusal::TooManyClients));

@@ -200,15 +200,14 @@ fn run(args: RunArgs) -> ExitCode {
             eprintln!("awd-agent: done: {stats:?}");
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!(
-                "awd-agent: error: {} ({:?})",
-                error_chain(&e),
-                agent.stats()
-            );
-            ExitCode::from(2)
-        }
+        Err(e) => failed(&e, &agent),
     }
+}
+
+/// Reports why the agent stopped, with its counters, and exits 2.
+fn failed(e: &dyn std::error::Error, agent: &Agent) -> ExitCode {
+    eprintln!("awd-agent: error: {} ({:?})", error_chain(e), agent.stats());
+    ExitCode::from(2)
 }
 
 /// `--interval 0`: the load mode.
@@ -239,14 +238,7 @@ fn flood(target: Target, message: String, raw: bool, count: Option<u64>) -> Exit
             );
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!(
-                "awd-agent: error: {} ({:?})",
-                error_chain(&e),
-                agent.stats()
-            );
-            ExitCode::from(2)
-        }
+        Err(e) => failed(&e, &agent),
     }
 }
 

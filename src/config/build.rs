@@ -15,10 +15,7 @@ use crate::transport::limits::{
     DEFAULT_MAX_CONNECTIONS, DEFAULT_TCP_USER_TIMEOUT_MS, MAX_MAX_CONNECTIONS,
 };
 use crate::transport::{Cidr, Endpoint, SocketChardev, VsockChardev};
-
-fn ms(v: u64) -> Duration {
-    Duration::from_millis(v)
-}
+use crate::util::ms;
 
 /// QEMU's rule for ids: a letter, then letters, digits, `-`, `.` and `_`.
 fn valid_id(id: &str) -> bool {

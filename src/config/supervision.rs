@@ -53,6 +53,7 @@ use crate::engine::{
     AliveSpec, ConditionSpec, DeadlineSpec, EngineSpec, LogicalSpec, Setter, SpecError,
     TIMEOUT_NAME, TimeRange, TimeoutSpec,
 };
+use crate::util::ms;
 
 /// An `[[watchdog.ID.alive]]` table as written.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -119,10 +120,6 @@ pub struct RawLogical {
     /// Linked conditions.
     #[serde(default)]
     pub conditions: Vec<String>,
-}
-
-fn ms(v: u64) -> Duration {
-    Duration::from_millis(v)
 }
 
 /// Builds and checks the engine spec of watchdog `w`, whose plain timeout and grace the caller

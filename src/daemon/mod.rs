@@ -906,11 +906,11 @@ mod tests {
             assert_eq!(got, want, "{req:?}");
         }
         let resp = daemon.handle_request(condition("x", Some("vm1"))).await;
-        assert_eq!(resp.code.as_deref(), Some("unknown_condition"));
         assert!(
-            resp.error
-                .as_deref()
-                .is_some_and(|e| e.starts_with("watchdog 'vm1': condition x refused: no such")),
+            resp.is_refusal(
+                "unknown_condition",
+                "watchdog 'vm1': condition x refused: no such"
+            ),
             "{resp:?}"
         );
         daemon.stop().await;

@@ -858,12 +858,30 @@ mod tests {
         rx.await.unwrap()
     }
 
-    async fn beat(h: &Harness) {
-        h.events
-            .send(ChannelEvent::Heartbeats { conn: 1, count: 1 })
-            .await
-            .unwrap();
+    /// Opens connection `conn` to the watchdog and returns what the watchdog writes to it.
+    async fn connect(h: &Harness, conn: ConnId) -> mpsc::Receiver<Bytes> {
+        let (tx, rx) = mpsc::channel(64);
+        let peer = "p".into();
+        send(
+            h,
+            ChannelEvent::Connected {
+                conn,
+                peer,
+                tx: Box::new(tx),
+            },
+        )
+        .await;
+        rx
+    }
+
+    /// Hands the watchdog one channel event and lets it act on it.
+    async fn send(h: &Harness, ev: ChannelEvent) {
+        h.events.send(ev).await.unwrap();
         settle().await;
+    }
+
+    async fn beat(h: &Harness) {
+        send(h, ChannelEvent::Heartbeats { conn: 1, count: 1 }).await;
     }
 
     /// Lets the watchdog task run until it waits again, without moving the clock.
@@ -945,11 +963,7 @@ mod tests {
             Message::Condition("nobody-declared-it".into(), true),
         ] {
             advance(4000).await;
-            h.events
-                .send(ChannelEvent::Signal { conn: 1, signal })
-                .await
-                .unwrap();
-            settle().await;
+            send(&h, ChannelEvent::Signal { conn: 1, signal }).await;
         }
         advance(4999).await;
         assert_eq!(h.metrics.expiries.get(), 0);
@@ -975,11 +989,7 @@ mod tests {
             Message::Trigger,
             Message::Condition("nobody-declared-it".into(), false),
         ] {
-            h.events
-                .send(ChannelEvent::Signal { conn: 1, signal })
-                .await
-                .unwrap();
-            settle().await;
+            send(&h, ChannelEvent::Signal { conn: 1, signal }).await;
         }
         let counts = R::ALL.map(|r| (r, h.metrics.refused_input_count(r)));
         assert_eq!(
@@ -1010,13 +1020,13 @@ mod tests {
         assert_eq!(scripts_run(&mut h), ["system_reset"]);
         // The reset took: the VM starts over 500 ms later and boots for 20 s in silence.
         advance(500).await;
-        h.events
-            .send(ChannelEvent::StartedOver {
+        send(
+            &h,
+            ChannelEvent::StartedOver {
                 reason: "test".into(),
-            })
-            .await
-            .unwrap();
-        settle().await;
+            },
+        )
+        .await;
         assert_eq!(status(&h).await.engine.status, GlobalStatus::Ok);
         advance(20_000).await;
         assert!(
@@ -1066,13 +1076,13 @@ mod tests {
         beat(&h).await;
         advance(5000).await;
         assert_eq!(h.metrics.expiries.get(), 1);
-        h.events
-            .send(ChannelEvent::StartedOver {
+        send(
+            &h,
+            ChannelEvent::StartedOver {
                 reason: "test".into(),
-            })
-            .await
-            .unwrap();
-        settle().await;
+            },
+        )
+        .await;
         advance(29_999).await;
         assert_eq!(h.metrics.expiries.get(), 1);
         advance(1).await;
@@ -1112,16 +1122,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_server_pulses_every_interval_and_stops_while_expired() {
         let h = start(5000, None, Role::Server, Some(1000));
-        let (tx, mut rx) = mpsc::channel(64);
-        h.events
-            .send(ChannelEvent::Connected {
-                conn: 9,
-                peer: "p".into(),
-                tx: Box::new(tx),
-            })
-            .await
-            .unwrap();
-        settle().await;
+        let mut rx = connect(&h, 9).await;
         advance(999).await;
         assert!(rx.try_recv().is_err(), "first pulse after one interval");
         advance(1).await;
@@ -1145,16 +1146,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_server_measures_each_pulse_round_trip() {
         let h = start(5000, None, Role::Server, Some(1000));
-        let (tx, mut rx) = mpsc::channel(64);
-        h.events
-            .send(ChannelEvent::Connected {
-                conn: 7,
-                peer: "p".into(),
-                tx: Box::new(tx),
-            })
-            .await
-            .unwrap();
-        settle().await;
+        let mut rx = connect(&h, 7).await;
         let reply = |conn| ChannelEvent::Signal {
             conn,
             signal: Message::PulseReply,
@@ -1194,30 +1186,21 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_client_answers_each_pulse_and_a_pulse_is_input() {
         let h = start(5000, None, Role::Client, None);
-        let (tx, mut rx) = mpsc::channel(64);
-        h.events
-            .send(ChannelEvent::Connected {
-                conn: 3,
-                peer: "p".into(),
-                tx: Box::new(tx),
-            })
-            .await
-            .unwrap();
-        settle().await;
+        let mut rx = connect(&h, 3).await;
         assert_eq!(
             &rx.try_recv().unwrap()[..],
             &frame(PULSE_REPLY.as_bytes())[..],
             "a client announces itself on connect"
         );
         advance(4000).await;
-        h.events
-            .send(ChannelEvent::Signal {
+        send(
+            &h,
+            ChannelEvent::Signal {
                 conn: 3,
                 signal: Message::Pulse,
-            })
-            .await
-            .unwrap();
-        settle().await;
+            },
+        )
+        .await;
         assert_eq!(
             &rx.try_recv().unwrap()[..],
             &frame(PULSE_REPLY.as_bytes())[..]
@@ -1229,25 +1212,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_disconnect_does_not_reset_the_timer() {
         let h = start(5000, None, Role::Server, None);
-        let (tx, _rx) = mpsc::channel(64);
-        h.events
-            .send(ChannelEvent::Connected {
-                conn: 4,
-                peer: "p".into(),
-                tx: Box::new(tx),
-            })
-            .await
-            .unwrap();
-        settle().await;
+        let _rx = connect(&h, 4).await;
         advance(4000).await;
-        h.events
-            .send(ChannelEvent::Disconnected {
+        send(
+            &h,
+            ChannelEvent::Disconnected {
                 conn: 4,
                 reason: crate::transport::CloseReason::PeerClosed,
-            })
-            .await
-            .unwrap();
-        settle().await;
+            },
+        )
+        .await;
         advance(1000).await;
         assert_eq!(h.metrics.expiries.get(), 1);
     }

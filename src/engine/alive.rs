@@ -363,17 +363,7 @@ impl AliveSupervision {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ms(n: u64) -> Duration {
-        Duration::from_millis(n)
-    }
-
-    fn incl(t: Instant) -> Horizon {
-        Horizon {
-            until: t,
-            inclusive: true,
-        }
-    }
+    use crate::engine::testing::{incl, ms};
 
     /// 10 ± 2 ticks per 100 ms.
     fn spec(tolerance: u32) -> AliveSpec {

@@ -243,17 +243,7 @@ impl DeadlineSupervision {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ms(n: u64) -> Duration {
-        Duration::from_millis(n)
-    }
-
-    fn excl(t: Instant) -> Horizon {
-        Horizon {
-            until: t,
-            inclusive: false,
-        }
-    }
+    use crate::engine::testing::{excl, ms};
 
     fn spec() -> DeadlineSpec {
         DeadlineSpec::new(

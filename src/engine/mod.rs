@@ -87,6 +87,8 @@ pub mod logical;
 mod refusal;
 mod spec;
 mod status;
+#[cfg(test)]
+mod testing;
 pub mod timeout;
 
 use std::fmt;
@@ -997,11 +999,8 @@ pub enum SupervisionDetail {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::testing::ms;
     use proptest::prelude::*;
-
-    fn ms(n: u64) -> Duration {
-        Duration::from_millis(n)
-    }
 
     fn engine(spec: &EngineSpec, t0: Instant) -> WatchdogEngine {
         WatchdogEngine::new(spec, t0).expect("valid spec")

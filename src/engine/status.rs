@@ -122,10 +122,7 @@ pub(crate) fn ms_since(t: Instant, now: Instant) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ms(n: u64) -> Duration {
-        Duration::from_millis(n)
-    }
+    use crate::engine::testing::ms;
 
     #[test]
     fn horizons_count_due_steps_exactly_at_the_boundaries() {

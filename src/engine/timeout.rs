@@ -199,19 +199,9 @@ impl TimeoutSupervision {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::testing::{incl, ms};
 
     const T: Duration = Duration::from_millis(5000);
-
-    fn ms(n: u64) -> Duration {
-        Duration::from_millis(n)
-    }
-
-    fn incl(t: Instant) -> Horizon {
-        Horizon {
-            until: t,
-            inclusive: true,
-        }
-    }
 
     fn sup(grace: Option<Duration>, t0: Instant) -> TimeoutSupervision {
         TimeoutSupervision::new(&TimeoutSpec::new(T), grace, t0)

@@ -604,10 +604,7 @@ async fn serve_connection<S>(
 mod tests {
     use super::*;
     use crate::metrics::{Metrics, WatchdogMetrics};
-
-    fn ms(v: u64) -> Duration {
-        Duration::from_millis(v)
-    }
+    use crate::util::ms;
 
     #[test]
     fn the_victim_is_one_that_proves_nothing_and_a_recent_speaker_goes_last() {
@@ -618,33 +615,36 @@ mod tests {
             last_input: last.map(|l| t0 + ms(l)),
         };
         let timeout = ms(1000);
-        // The real peer spoke 100 ms ago; the others never spoke: the oldest of them goes,
-        // even though the peer was accepted before all of them.
-        let c = [conn(0, Some(9_900)), conn(5_000, None), conn(9_990, None)];
-        assert_eq!(
-            choose_victim(now, &c, timeout),
-            Some((1, EvictReason::NeverSpoke))
-        );
-        // One spoke long ago (stale) and one never spoke, accepted later: the longest silent.
-        let c = [
-            conn(0, Some(9_900)),
-            conn(0, Some(2_000)),
-            conn(9_000, None),
+        let cases = [
+            // The real peer spoke 100 ms ago; the others never spoke: the oldest of them goes,
+            // even though the peer was accepted before all of them.
+            (
+                [conn(0, Some(9_900)), conn(5_000, None), conn(9_990, None)],
+                EvictReason::NeverSpoke,
+            ),
+            // One spoke long ago (stale) and one never spoke, accepted later: the longest
+            // silent.
+            (
+                [
+                    conn(0, Some(9_900)),
+                    conn(0, Some(2_000)),
+                    conn(9_000, None),
+                ],
+                EvictReason::Stale,
+            ),
+            // Every connection spoke within the timeout: the one silent for longest.
+            (
+                [
+                    conn(0, Some(9_900)),
+                    conn(0, Some(9_500)),
+                    conn(0, Some(9_950)),
+                ],
+                EvictReason::Silent,
+            ),
         ];
-        assert_eq!(
-            choose_victim(now, &c, timeout),
-            Some((1, EvictReason::Stale))
-        );
-        // Every connection spoke within the timeout: the one silent for longest.
-        let c = [
-            conn(0, Some(9_900)),
-            conn(0, Some(9_500)),
-            conn(0, Some(9_950)),
-        ];
-        assert_eq!(
-            choose_victim(now, &c, timeout),
-            Some((1, EvictReason::Silent))
-        );
+        for (c, why) in cases {
+            assert_eq!(choose_victim(now, &c, timeout), Some((1, why)), "{c:?}");
+        }
         assert_eq!(choose_victim(now, &[], timeout), None);
     }
 

@@ -55,6 +55,26 @@ pub struct Desc {
     pub write: bool,
 }
 
+impl Desc {
+    /// A buffer the device only reads (tx).
+    pub fn read(addr: u64, len: u32) -> Desc {
+        Desc {
+            addr,
+            len,
+            write: false,
+        }
+    }
+
+    /// A buffer the device may write (rx, or a wrong-direction tx descriptor).
+    pub fn write(addr: u64, len: u32) -> Desc {
+        Desc {
+            addr,
+            len,
+            write: true,
+        }
+    }
+}
+
 /// How a tx packet is laid out in descriptors, for [`Driver::push_layout`].
 #[derive(Debug, Clone)]
 pub enum Layout {
@@ -463,14 +483,7 @@ impl Driver {
                 ring.push_raw(&self.mem, &raw);
             }
             Layout::Outside { addr, len } => {
-                ring.push(
-                    &self.mem,
-                    &[Desc {
-                        addr: *addr,
-                        len: *len,
-                        write: false,
-                    }],
-                );
+                ring.push(&self.mem, &[Desc::read(*addr, *len)]);
             }
         }
     }
@@ -483,21 +496,13 @@ impl Driver {
         self.mem
             .write_slice(&hdr.encode(), GuestAddress(base))
             .expect("header buffer");
-        let mut descs = vec![Desc {
-            addr: base,
-            len: HEADER_SIZE as u32,
-            write: false,
-        }];
+        let mut descs = vec![Desc::read(base, HEADER_SIZE as u32)];
         if !payload.is_empty() {
             let data = base + 0x100;
             self.mem
                 .write_slice(payload, GuestAddress(data))
                 .expect("data buffer");
-            descs.push(Desc {
-                addr: data,
-                len: payload.len() as u32,
-                write: false,
-            });
+            descs.push(Desc::read(data, payload.len() as u32));
         }
         ring.push(&self.mem, &descs);
     }
@@ -521,11 +526,7 @@ impl Driver {
             self.mem
                 .write_slice(&bytes[start..end], GuestAddress(addr))
                 .expect("fragment buffer");
-            descs.push(Desc {
-                addr,
-                len: (end - start) as u32,
-                write: false,
-            });
+            descs.push(Desc::read(addr, (end - start) as u32));
             start = end;
         }
         ring.push(&self.mem, &descs);
@@ -545,14 +546,7 @@ impl Driver {
         for _ in 0..n {
             let ring = &mut self.rings[usize::from(RX_QUEUE)];
             let addr = ring.buffer(ring.next_slot);
-            ring.push(
-                &self.mem,
-                &[Desc {
-                    addr,
-                    len: RX_BUF,
-                    write: true,
-                }],
-            );
+            ring.push(&self.mem, &[Desc::write(addr, RX_BUF)]);
         }
     }
 

@@ -7,11 +7,7 @@ use super::*;
 fn a_short_header_is_dropped_and_counted() {
     let mut d = Driver::new(16);
     let addr = d.header_at(&request(1, 9009));
-    d.send_chain(&[Desc {
-        addr,
-        len: 20,
-        write: false,
-    }]);
+    d.send_chain(&[Desc::read(addr, 20)]);
     assert_malformed(&d, Malformed::ShortHeader, 1);
     assert!(d.events(9009).is_empty());
     assert_still_serving(&mut d);
@@ -28,23 +24,11 @@ fn a_len_bigger_than_the_chain_is_dropped() {
     let addr = d.header_at(&lie);
     // Header plus a 10-byte data descriptor.
     d.send_chain(&[
-        Desc {
-            addr,
-            len: HEADER_SIZE as u32,
-            write: false,
-        },
-        Desc {
-            addr: addr + 0x100,
-            len: 10,
-            write: false,
-        },
+        Desc::read(addr, HEADER_SIZE as u32),
+        Desc::read(addr + 0x100, 10),
     ]);
     // Header only.
-    d.send_chain(&[Desc {
-        addr,
-        len: HEADER_SIZE as u32,
-        write: false,
-    }]);
+    d.send_chain(&[Desc::read(addr, HEADER_SIZE as u32)]);
     // More than any packet may carry.
     let huge = Header {
         len: 1 << 20,
@@ -52,16 +36,8 @@ fn a_len_bigger_than_the_chain_is_dropped() {
     };
     let addr = d.header_at(&huge);
     d.send_chain(&[
-        Desc {
-            addr,
-            len: HEADER_SIZE as u32,
-            write: false,
-        },
-        Desc {
-            addr: addr + 0x100,
-            len: 1 << 20,
-            write: false,
-        },
+        Desc::read(addr, HEADER_SIZE as u32),
+        Desc::read(addr + 0x100, 1 << 20),
     ]);
     assert_malformed(&d, Malformed::BadLen, 3);
     assert!(d.events(9009).is_empty(), "nothing was fed");
@@ -125,36 +101,17 @@ fn unknown_ops_are_dropped_and_reset_when_there_is_no_connection() {
 fn chains_of_the_wrong_direction_are_returned() {
     let mut d = Driver::new(16);
     let addr = d.header_at(&request(1000, 9009));
-    d.send_chain(&[Desc {
-        addr,
-        len: HEADER_SIZE as u32,
-        write: true,
-    }]);
+    d.send_chain(&[Desc::write(addr, HEADER_SIZE as u32)]);
     let payload = rw(1000, 9009, b"WATCHDOG=1\n");
     let addr = d.header_at(&payload);
     d.send_chain(&[
-        Desc {
-            addr,
-            len: HEADER_SIZE as u32,
-            write: false,
-        },
-        Desc {
-            addr: addr + 0x100,
-            len: 11,
-            write: true,
-        },
+        Desc::read(addr, HEADER_SIZE as u32),
+        Desc::write(addr + 0x100, 11),
     ]);
     assert_malformed(&d, Malformed::WrongDirection, 2);
     // rx side: a read-only rx buffer is returned empty and the next one is used.
     let ring = &mut d.rings[usize::from(RX_QUEUE)];
-    ring.push(
-        &d.mem,
-        &[Desc {
-            addr: 0x40_0000,
-            len: 4096,
-            write: false,
-        }],
-    );
+    ring.push(&d.mem, &[Desc::read(0x40_0000, 4096)]);
     d.post_rx(1);
     d.send(&request(1000, 7777), &[]);
     let used = d.rings[usize::from(RX_QUEUE)].used(&d.mem);
@@ -171,23 +128,11 @@ fn chains_of_the_wrong_direction_are_returned() {
 #[test]
 fn descriptors_outside_guest_memory_are_returned() {
     let mut d = Driver::new(16);
-    d.send_chain(&[Desc {
-        addr: 1 << 40,
-        len: HEADER_SIZE as u32,
-        write: false,
-    }]);
+    d.send_chain(&[Desc::read(1 << 40, HEADER_SIZE as u32)]);
     let addr = d.header_at(&rw(1000, 9009, b"0123456789"));
     d.send_chain(&[
-        Desc {
-            addr,
-            len: HEADER_SIZE as u32,
-            write: false,
-        },
-        Desc {
-            addr: u64::MAX - 4,
-            len: 10,
-            write: false,
-        },
+        Desc::read(addr, HEADER_SIZE as u32),
+        Desc::read(u64::MAX - 4, 10),
     ]);
     assert_malformed(&d, Malformed::BadDescriptor, 2);
     assert_still_serving(&mut d);

@@ -38,11 +38,7 @@ fn header_and_payload_may_share_one_descriptor() {
     d.mem
         .write_slice(line, vm_memory::GuestAddress(addr + HEADER_SIZE as u64))
         .expect("payload");
-    d.send_chain(&[Desc {
-        addr,
-        len: (HEADER_SIZE + line.len()) as u32,
-        write: false,
-    }]);
+    d.send_chain(&[Desc::read(addr, (HEADER_SIZE + line.len()) as u32)]);
     assert_eq!(beats(&d.events(9009)), 2);
     assert_eq!(d.counters.snapshot().malformed_total(), 0);
 }
