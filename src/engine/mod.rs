@@ -1517,7 +1517,7 @@ mod tests {
         /// How often the engine is polled does not change what it reports: one engine is only
         /// fed events, another is also polled at every millisecond in between.
         #[test]
-        fn polling_frequency_does_not_change_the_outcome(
+        fn fuzz_polling_frequency_does_not_change_the_outcome(
             events in proptest::collection::vec((0u64..90, 0u8..13), 0..40),
         ) {
             let t0 = Instant::now();
