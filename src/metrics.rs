@@ -53,8 +53,9 @@ pub struct ConnectionLabels {
     pub reason: String,
 }
 
-/// Why a server channel refused a connection (the `reason` label).
-pub const REFUSE_REASONS: [&str; 1] = ["not_allowed"];
+/// Why a server channel refused a connection (the `reason` label): a TCP peer outside
+/// `peers=`, or a Unix peer whose credentials are not `peer-uid=`/`peer-gid=`.
+pub const REFUSE_REASONS: [&str; 2] = ["not_allowed", "peer_cred"];
 /// Why a server channel evicted a connection to admit a new one (the `reason` label):
 /// it had never sent anything, it had been silent longer than the watchdog's timeout, or it
 /// was only the one silent for longest.
@@ -408,7 +409,7 @@ impl Metrics {
 #[derive(Debug)]
 pub struct WatchdogMetrics {
     /// Connections refused, indexed like [`REFUSE_REASONS`].
-    pub refused: [Counter; 1],
+    pub refused: [Counter; 2],
     /// Connections evicted, indexed like [`EVICT_REASONS`].
     pub evicted: [Counter; 3],
     /// Messages received.

@@ -268,7 +268,7 @@ impl Runner {
 
     /// Tries once to connect; logs the first failure of a streak at warn, the rest at debug.
     async fn connect(&mut self) -> bool {
-        match Monitor::connect(&self.chardev.endpoint, self.kind).await {
+        match Monitor::connect_as(&self.chardev.endpoint, self.kind, self.chardev.peer).await {
             Ok(m) => {
                 let kind = m.kind();
                 info!(node = %self.chardev.id, endpoint = %self.chardev.endpoint, %kind, pid = m.peer_pid(), "notification node connected");
@@ -589,6 +589,7 @@ mod tests {
             peers: Vec::new(),
             tcp_user_timeout: None,
             rate_limit: None,
+            peer: Default::default(),
         });
         let (tx, reports) = mpsc::unbounded_channel();
         let stop = CancellationToken::new();

@@ -27,7 +27,7 @@ use tokio::net::{TcpStream, UnixStream};
 use super::limits::{CONNECT_TIMEOUT, GREETING_TIMEOUT, MAX_HMP_REPLY};
 use super::qmp::{QmpClient, QmpError, read_line_bounded};
 use super::script::{ScriptLine, TypedCommand};
-use crate::transport::Endpoint;
+use crate::transport::{Endpoint, PeerCred};
 
 const HMP_PROMPT: &[u8] = b"(qemu) ";
 
@@ -203,7 +203,7 @@ async fn connect_tcp(host: &str, port: u16) -> std::io::Result<TcpStream> {
     Ok(s)
 }
 
-async fn open(endpoint: &Endpoint) -> std::io::Result<(BoxStream, Option<u32>)> {
+async fn open(endpoint: &Endpoint, peer: PeerCred) -> std::io::Result<(BoxStream, Option<u32>)> {
     Ok(match endpoint {
         Endpoint::Tcp { host, port } => {
             let s = connect_tcp(host, *port).await?;
@@ -211,6 +211,7 @@ async fn open(endpoint: &Endpoint) -> std::io::Result<(BoxStream, Option<u32>)> 
         }
         Endpoint::Unix(p) => {
             let s = UnixStream::connect(p).await?;
+            peer.verify(&s)?;
             let pid = s
                 .peer_cred()
                 .ok()
@@ -283,9 +284,19 @@ impl Monitor {
         endpoint: &Endpoint,
         known: Option<Kind>,
     ) -> Result<Monitor, MonitorError> {
+        Self::connect_as(endpoint, known, PeerCred::default()).await
+    }
+
+    /// [`connect`](Self::connect), refusing a Unix monitor whose process does not run as `peer`
+    /// says (`SO_PEERCRED`): a socket file swapped for another process's is not QEMU's.
+    pub async fn connect_as(
+        endpoint: &Endpoint,
+        known: Option<Kind>,
+        peer: PeerCred,
+    ) -> Result<Monitor, MonitorError> {
         let ep = endpoint.to_string();
-        match tokio::time::timeout(CONNECT_TIMEOUT, Self::connect_inner(endpoint, &ep, known)).await
-        {
+        let inner = Self::connect_inner(endpoint, &ep, known, peer);
+        match tokio::time::timeout(CONNECT_TIMEOUT, inner).await {
             Ok(r) => r,
             Err(_) => Err(match known {
                 Some(kind) if kind.greets() => MonitorError::GreetingLate {
@@ -305,13 +316,15 @@ impl Monitor {
         endpoint: &Endpoint,
         ep: &str,
         known: Option<Kind>,
+        peer: PeerCred,
     ) -> Result<Monitor, MonitorError> {
-        let (stream, peer_pid) = open(endpoint)
-            .await
-            .map_err(|source| MonitorError::Connect {
-                endpoint: ep.to_owned(),
-                source,
-            })?;
+        let (stream, peer_pid) =
+            open(endpoint, peer)
+                .await
+                .map_err(|source| MonitorError::Connect {
+                    endpoint: ep.to_owned(),
+                    source,
+                })?;
         let conn = Self::greet(stream, ep, known).await?;
         Ok(Monitor { conn, peer_pid })
     }
@@ -597,6 +610,46 @@ mod tests {
             assert_eq!(m.kind(), kind);
             assert_eq!(m.peer_pid(), Some(std::process::id()), "SO_PEERCRED");
         }
+    }
+
+    /// A monitor socket whose process runs as someone other than `peer-uid=` says is refused
+    /// before a byte is sent; the right one is used.
+    #[tokio::test]
+    async fn a_monitor_of_the_wrong_user_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp");
+        let l = tokio::net::UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let _ = s.write_all(b"junk\n").await;
+                std::mem::forget(s);
+            }
+        });
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&path).unwrap(); // made by this process: our uid and gid
+        let ep = Endpoint::Unix(path);
+        let someone_else = PeerCred {
+            uid: Some(meta.uid() ^ 1),
+            gid: None,
+        };
+        let err = Monitor::connect_as(&ep, None, someone_else)
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        assert!(
+            crate::util::error_chain(&err).contains(&format!(
+                "the peer runs as uid {}, not {}",
+                meta.uid(),
+                meta.uid() ^ 1
+            )),
+            "{err:?}"
+        );
+        let us = PeerCred {
+            uid: Some(meta.uid()),
+            gid: Some(meta.gid()),
+        };
+        let m = Monitor::connect_as(&ep, Some(Kind::Raw), us).await.unwrap();
+        assert_eq!(m.kind(), Kind::Raw);
     }
 
     #[tokio::test(start_paused = true)]

@@ -14,7 +14,7 @@ use crate::engine::{EngineSpec, VM_RUNNING};
 use crate::transport::limits::{
     DEFAULT_MAX_CONNECTIONS, DEFAULT_TCP_USER_TIMEOUT_MS, MAX_MAX_CONNECTIONS,
 };
-use crate::transport::{Cidr, Endpoint, SocketChardev, VsockChardev};
+use crate::transport::{Cidr, Endpoint, PeerCred, SocketChardev, VsockChardev};
 use crate::util::ms;
 
 /// QEMU's rule for ids: a letter, then letters, digits, `-`, `.` and `_`.
@@ -159,6 +159,13 @@ fn build_chardev(c: &RawChardev) -> Result<Chardev, ConfigError> {
                 None if tcp => Some(Duration::from_millis(DEFAULT_TCP_USER_TIMEOUT_MS)),
                 None => None,
             };
+            if tcp && (c.peer_uid.is_some() || c.peer_gid.is_some()) {
+                return Err(ConfigError::invalid(
+                    o,
+                    "peer-uid=/peer-gid= are for Unix sockets (checked with SO_PEERCRED); a TCP \
+                     peer has no credentials to check",
+                ));
+            }
             Ok(Chardev::Socket(SocketChardev {
                 id: c.id.clone(),
                 endpoint,
@@ -169,6 +176,10 @@ fn build_chardev(c: &RawChardev) -> Result<Chardev, ConfigError> {
                 peers,
                 tcp_user_timeout,
                 rate_limit: check_rate_limit(o, c.rate_limit)?,
+                peer: PeerCred {
+                    uid: c.peer_uid,
+                    gid: c.peer_gid,
+                },
             }))
         }
         "vhost-user-vsock" => {
@@ -202,6 +213,8 @@ fn build_chardev(c: &RawChardev) -> Result<Chardev, ConfigError> {
                 (c.max_connections.is_some(), "max-connections"),
                 (c.peers.is_some(), "peers"),
                 (c.tcp_user_timeout.is_some(), "tcp-user-timeout"),
+                (c.peer_uid.is_some(), "peer-uid"),
+                (c.peer_gid.is_some(), "peer-gid"),
             ] {
                 if set {
                     return Err(ConfigError::invalid(
@@ -822,6 +835,52 @@ mod tests {
             "{:?}",
             cfg.notes
         );
+    }
+
+    #[test]
+    fn peer_credentials_are_for_unix_sockets_in_both_syntaxes() {
+        let cfg = build(
+            &["socket,id=hb,path=/tmp/hb.sock,server=on,peer-uid=107,peer-gid=115"],
+            &["advanced-watchdog,id=w,awd_node=hb,timeout=1000"],
+        )
+        .unwrap();
+        let Chardev::Socket(s) = &cfg.chardevs["hb"] else {
+            panic!("a socket")
+        };
+        let want = PeerCred {
+            uid: Some(107),
+            gid: Some(115),
+        };
+        assert_eq!(s.peer, want);
+        assert!(
+            cfg.to_string()
+                .contains("peer              uid 107, gid 115 (SO_PEERCRED)"),
+            "{cfg}"
+        );
+        let toml = "[chardev.hb]\npath = \"/tmp/hb.sock\"\nserver = true\npeer_uid = 107\n\
+            peer_gid = 115\n[watchdog.w]\nawd_node = \"hb\"\ntimeout = 1000\n";
+        let from_file = Config::build(file::parse(toml, Path::new("a.toml")).unwrap()).unwrap();
+        assert_eq!(from_file.chardevs, cfg.chardevs);
+        for (chardev, want) in [
+            (
+                "socket,id=hb,port=9009,server=on,peer-uid=0",
+                "peer-uid=/peer-gid= are for Unix sockets",
+            ),
+            (
+                "vhost-user-vsock,id=hb,path=/tmp/v.sock,guest-cid=3,port=1,peer-gid=0",
+                "peer-gid= does not apply to vhost-user-vsock",
+            ),
+            ("socket,id=hb,path=/tmp/a,peer-uid=x", "peer-uid"),
+        ] {
+            let err = build(
+                &[chardev],
+                &["advanced-watchdog,id=w,awd_node=hb,timeout=1"],
+            )
+            .map(|_| ())
+            .unwrap_err();
+            let err = crate::util::error_chain(&err);
+            assert!(err.contains(want), "{chardev}: {err}");
+        }
     }
 
     #[test]

@@ -167,6 +167,15 @@ impl fmt::Display for Config {
                     }
                     (Endpoint::Unix(_), _) => {}
                 }
+                if !s.peer.is_any() {
+                    let id = |v: Option<u32>| v.map_or("any".to_owned(), |v| v.to_string());
+                    writeln!(
+                        f,
+                        "  peer              uid {}, gid {} (SO_PEERCRED); others are refused",
+                        id(s.peer.uid),
+                        id(s.peer.gid)
+                    )?;
+                }
             }
             if let Some(r) = node.rate_limit() {
                 writeln!(

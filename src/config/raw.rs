@@ -49,6 +49,13 @@ pub struct RawChardev {
     /// Input messages per second that are parsed; the rest still prove life (seed `rate-limit`).
     #[serde(alias = "rate-limit")]
     pub rate_limit: Option<u32>,
+    /// Unix sockets: the only user id a peer may run as, checked with `SO_PEERCRED` (seed
+    /// `peer-uid`).
+    #[serde(alias = "peer-uid")]
+    pub peer_uid: Option<u32>,
+    /// Unix sockets: the only group id a peer may run as (seed `peer-gid`).
+    #[serde(alias = "peer-gid")]
+    pub peer_gid: Option<u32>,
     /// Where it came from, for error messages.
     #[serde(skip)]
     pub origin: String,

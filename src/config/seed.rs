@@ -109,6 +109,8 @@ pub fn parse_chardev(arg: &str) -> Result<RawChardev, ConfigError> {
             "peers" => c.peers.get_or_insert_with(Vec::new).push(v),
             "tcp-user-timeout" => c.tcp_user_timeout = Some(parse_u64(arg, &k, &v)?),
             "rate-limit" => c.rate_limit = Some(parse_u32(arg, &k, &v)?),
+            "peer-uid" | "peer_uid" => c.peer_uid = Some(parse_u32(arg, &k, &v)?),
+            "peer-gid" | "peer_gid" => c.peer_gid = Some(parse_u32(arg, &k, &v)?),
             "port-vsock" | "vsock-port" => {
                 return Err(ConfigError::syntax(
                     arg,

@@ -54,6 +54,50 @@ pub struct SocketChardev {
     pub tcp_user_timeout: Option<Duration>,
     /// Input messages per second that are parsed (`None`: all).
     pub rate_limit: Option<u32>,
+    /// Unix sockets: who the peer must be (`SO_PEERCRED`); empty, anyone the file mode lets in.
+    pub peer: PeerCred,
+}
+
+/// The credentials a Unix socket's peer must have: its user and group ids as the kernel
+/// reports them (`SO_PEERCRED`), so a process that can open the socket file but runs as someone
+/// else (another VM's QEMU under libvirt, a user in the socket's group) is refused.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerCred {
+    /// The user id the peer must run as (`None`: any).
+    pub uid: Option<u32>,
+    /// The group id the peer must run as (`None`: any).
+    pub gid: Option<u32>,
+}
+
+impl PeerCred {
+    /// Whether this asks for anything.
+    pub fn is_any(&self) -> bool {
+        self.uid.is_none() && self.gid.is_none()
+    }
+
+    /// Whether a peer running as `uid`:`gid` is the one wanted; otherwise what differs.
+    pub fn check(&self, uid: u32, gid: u32) -> Result<(), String> {
+        match (self.uid, self.gid) {
+            (Some(want), _) if want != uid => {
+                Err(format!("the peer runs as uid {uid}, not {want}"))
+            }
+            (_, Some(want)) if want != gid => {
+                Err(format!("the peer runs as gid {gid}, not {want}"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks the peer of a connected Unix socket. A mismatch, or credentials the kernel will
+    /// not give, is a `PermissionDenied` error that says which.
+    pub fn verify(&self, s: &tokio::net::UnixStream) -> std::io::Result<()> {
+        if self.is_any() {
+            return Ok(());
+        }
+        let cred = s.peer_cred()?;
+        self.check(cred.uid(), cred.gid())
+            .map_err(|why| std::io::Error::new(std::io::ErrorKind::PermissionDenied, why))
+    }
 }
 
 /// A validated vhost-user vsock chardev: one listening vsock port on a vsock device.

@@ -22,7 +22,7 @@ use crate::metrics::WatchdogMetrics;
 use crate::protocol::{Decoder, Message, Rejection};
 use crate::util::LogLimiter;
 pub use cidr::{Cidr, CidrError};
-pub use endpoint::{Endpoint, SocketChardev, VsockChardev};
+pub use endpoint::{Endpoint, PeerCred, SocketChardev, VsockChardev};
 
 /// Identifies one connection of a channel, unique in the process.
 pub type ConnId = u64;

@@ -33,7 +33,7 @@ use tracing::{debug, info, warn};
 
 use super::limits::{READ_CHUNK, WRITE_TIMEOUT};
 use super::{ChannelContext, ChannelEvent, CloseReason, Intake, next_conn_id};
-use super::{Cidr, Endpoint, SocketChardev};
+use super::{Cidr, Endpoint, PeerCred, SocketChardev};
 use crate::metrics::EVICT_REASONS;
 use crate::util::{LogLimiter, UnixPathGuard, bind_unix_std, error_chain};
 
@@ -148,6 +148,8 @@ pub struct ServerPolicy {
     pub stale_after: Duration,
     /// Options for each accepted TCP connection.
     pub tcp: TcpOptions,
+    /// Unix: who a peer must be (`SO_PEERCRED`).
+    pub peer: PeerCred,
 }
 
 impl ServerPolicy {
@@ -158,6 +160,7 @@ impl ServerPolicy {
             peers: ch.peers.clone(),
             stale_after,
             tcp: TcpOptions::of(ch),
+            peer: ch.peer,
         }
     }
 
@@ -327,6 +330,16 @@ pub async fn serve(
                     }
                     continue;
                 }
+                if let Accepted::Unix(s) = &stream
+                    && let Err(e) = policy.peer.verify(s)
+                {
+                    ctx.metrics.refused[1].inc();
+                    if let Some(suppressed) = refusals.allow(std::time::Instant::now()) {
+                        warn!(watchdog = &*ctx.watchdog, channel = &*ctx.channel, %peer, suppressed,
+                            reason = "peer_cred", "refusing connection: {e}");
+                    }
+                    continue;
+                }
                 slots.retain(|w| w.strong_count() > 0);
                 if slots.len() >= policy.max_connections {
                     evict_one(&mut slots, &policy, &ctx, &mut evictions);
@@ -432,7 +445,7 @@ pub async fn connect_loop(ch: SocketChardev, ctx: ChannelContext, shutdown: Canc
         let started = Instant::now();
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = connect_within(&ch.endpoint, ch.reconnect) => r,
+            r = connect_within(&ch.endpoint, ch.reconnect, ch.peer) => r,
         };
         let next = match result {
             Ok(stream) => {
@@ -471,8 +484,8 @@ pub async fn connect_loop(ch: SocketChardev, ctx: ChannelContext, shutdown: Canc
 }
 
 /// One connect attempt, given up after `limit`.
-async fn connect_within(ep: &Endpoint, limit: Duration) -> io::Result<Accepted> {
-    tokio::time::timeout(limit, connect(ep))
+async fn connect_within(ep: &Endpoint, limit: Duration, peer: PeerCred) -> io::Result<Accepted> {
+    tokio::time::timeout(limit, connect(ep, peer))
         .await
         .unwrap_or_else(|_| {
             Err(io::Error::new(
@@ -482,12 +495,17 @@ async fn connect_within(ep: &Endpoint, limit: Duration) -> io::Result<Accepted> 
         })
 }
 
-async fn connect(ep: &Endpoint) -> io::Result<Accepted> {
+/// Connects to `ep`; a Unix server whose process is not `peer` is refused like an error.
+async fn connect(ep: &Endpoint, peer: PeerCred) -> io::Result<Accepted> {
     match ep {
         Endpoint::Tcp { host, port } => TcpStream::connect((host.as_str(), *port))
             .await
             .map(Accepted::Tcp),
-        Endpoint::Unix(p) => UnixStream::connect(p).await.map(Accepted::Unix),
+        Endpoint::Unix(p) => {
+            let s = UnixStream::connect(p).await?;
+            peer.verify(&s)?;
+            Ok(Accepted::Unix(s))
+        }
     }
 }
 
@@ -663,6 +681,7 @@ mod tests {
             peers: vec!["10.0.0.0/8".parse().unwrap()],
             tcp_user_timeout: None,
             rate_limit: None,
+            peer: Default::default(),
         };
         let p = ServerPolicy::of(&ch, ms(1000));
         assert!(p.admits(Some("10.9.8.7:5".parse().unwrap())));
@@ -698,6 +717,7 @@ mod tests {
                 nodelay: false,
                 user_timeout: Some(Duration::from_secs(3)),
             },
+            peer: PeerCred::default(),
         }
     }
 
@@ -733,7 +753,7 @@ mod tests {
         .expect("event within 10 s")
     }
 
-    async fn read_eof(s: &mut TcpStream) -> bool {
+    async fn read_eof<S: AsyncRead + Unpin>(s: &mut S) -> bool {
         let mut b = [0u8; 64];
         matches!(
             tokio::time::timeout(Duration::from_secs(10), s.read(&mut b)).await,
@@ -816,6 +836,74 @@ mod tests {
         server.await.unwrap();
     }
 
+    /// A Unix server with `peer-uid=`: a peer running as anyone else is closed at once and
+    /// counted, and the watchdog hears nothing; a peer running as that uid (a child started
+    /// with `setpriv`, a real other process) is served.
+    #[tokio::test]
+    async fn a_unix_peer_with_other_credentials_is_refused_and_the_right_one_served() {
+        const NOBODY: u32 = 65534;
+        let metrics = Metrics::new().watchdog("w", "c");
+        let (ctx, mut rx) = context(&metrics);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hb.sock");
+        let (l, g) = bind_unix(&path).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let mut pol = policy(4, &[]);
+        pol.peer = PeerCred {
+            uid: Some(NOBODY),
+            gid: None,
+        };
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(Listener::Unix(l, g), pol, ctx, shutdown.clone()));
+        // This process runs as root.
+        let mut s = UnixStream::connect(&path).await.unwrap();
+        assert!(read_eof(&mut s).await, "refused at once");
+        assert_eq!(metrics.refused[1].get(), 1);
+        assert!(rx.try_recv().is_err(), "the watchdog never hears of it");
+        // The same path, from a process running as nobody.
+        let script = format!(
+            "import socket; s = socket.socket(socket.AF_UNIX); s.connect({:?}); \
+             s.sendall(b'WATCHDOG=1\\n'); s.recv(1)",
+            path.display().to_string()
+        );
+        let mut child = tokio::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args(["/usr/bin/python3", "-c", &script])
+            .kill_on_drop(true)
+            .spawn()
+            .expect("setpriv (util-linux) and /usr/bin/python3");
+        let mut keep = Vec::new();
+        next_event(&mut rx, &mut keep, |e| {
+            matches!(e, ChannelEvent::Heartbeats { .. })
+        })
+        .await;
+        assert_eq!(metrics.refused[1].get(), 1, "the right peer is not refused");
+        let _ = child.kill().await;
+        shutdown.cancel();
+        server.await.unwrap();
+    }
+
+    #[test]
+    fn peer_credentials_say_what_differs() {
+        let want = PeerCred {
+            uid: Some(107),
+            gid: Some(115),
+        };
+        assert_eq!(want.check(107, 115), Ok(()));
+        assert_eq!(
+            want.check(0, 115),
+            Err("the peer runs as uid 0, not 107".into())
+        );
+        assert_eq!(
+            want.check(107, 0),
+            Err("the peer runs as gid 0, not 115".into())
+        );
+        assert!(PeerCred::default().is_any());
+        assert_eq!(PeerCred::default().check(1, 2), Ok(()));
+    }
+
     #[tokio::test]
     async fn tcp_connections_get_keepalive_and_the_user_timeout() {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -856,7 +944,7 @@ mod tests {
         let mut held = Vec::new();
         let started = loop {
             let started = Instant::now();
-            match connect_within(&ep, ms(1000)).await {
+            match connect_within(&ep, ms(1000), PeerCred::default()).await {
                 Ok(s) => held.push(s),
                 Err(e) => {
                     assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
