@@ -245,7 +245,7 @@ impl Metrics {
         );
         registry.register(
             "connections_refused",
-            "Connections a server channel closed at once, by reason (not_allowed: outside peers=)",
+            "Connections a server channel closed at once, by reason (not_allowed: outside peers=; peer_cred: a Unix peer other than peer-uid=/peer-gid=)",
             m.refused.clone(),
         );
         registry.register(
