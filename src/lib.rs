@@ -17,6 +17,7 @@
 //! | module | job | uses |
 //! |---|---|---|
 //! | [`util`] | small helpers shared by modules that must not import each other: names, error chains, log rate limits, Unix socket files | none |
+//! | [`auth`] | the authenticated framing of channels with a pre-shared key: handshake, tagged frames (sans-IO) | none |
 //! | [`engine`] | pure supervision: events and the current time in, status changes and the next deadline out | none |
 //! | [`protocol`] | the bytes on a heartbeat channel: one message type with its decoder, encoder and mapping to engine events | engine |
 //! | [`client`] | the health-monitoring API for guest programs | engine, protocol |
@@ -30,6 +31,7 @@
 //! | `cli` | the `awd` command line | config, control, daemon, metrics |
 
 pub mod agent;
+pub mod auth;
 pub mod client;
 pub mod engine;
 pub mod protocol;
