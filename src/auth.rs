@@ -351,6 +351,17 @@ impl Session {
     }
 }
 
+/// Writes the test key `0123456789abcdef0123456789abcdef` (with a newline) to `dir/psk` with
+/// `mode`; for unit tests here and in config.
+#[cfg(test)]
+pub(crate) fn test_key_file(dir: &Path, mode: u32) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join("psk");
+    std::fs::write(&p, "0123456789abcdef0123456789abcdef\n").unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    p
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -488,9 +499,7 @@ mod tests {
     fn a_key_file_must_be_private_and_long_enough() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("psk");
-        std::fs::write(&p, "0123456789abcdef0123456789abcdef\n").unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let p = test_key_file(dir.path(), 0o644);
         assert!(matches!(
             Key::load(&p),
             Err(KeyError::Mode { mode: 0o644, .. })

@@ -99,6 +99,7 @@ pub struct Metrics {
     rate_limited: Family<WatchdogLabels, Counter>,
     refused: Family<ConnectionLabels, Counter>,
     evicted: Family<ConnectionLabels, Counter>,
+    auth_rejected: Family<ConnectionLabels, Counter>,
     live: Arc<LiveWatchdogs>,
 }
 
@@ -181,6 +182,7 @@ impl Metrics {
             rate_limited: Family::default(),
             refused: Family::default(),
             evicted: Family::default(),
+            auth_rejected: Family::default(),
             live: Arc::default(),
         };
         registry.register(
@@ -253,6 +255,11 @@ impl Metrics {
             "Connections a full server channel closed to admit a new one, by reason",
             m.evicted.clone(),
         );
+        registry.register(
+            "auth_rejected",
+            "Connections of a psk= channel closed for what they sent, by reason (bad_magic, bad_proof, bad_tag, out_of_order, too_long, truncated, handshake_timeout)",
+            m.auth_rejected.clone(),
+        );
         registry.register_collector(Box::new(m.live.clone()));
         *m.registry.lock().unwrap_or_else(|e| e.into_inner()) = registry;
         m
@@ -294,6 +301,7 @@ impl Metrics {
         let wm = Arc::new(WatchdogMetrics {
             refused: REFUSE_REASONS.map(|r| conn(&self.refused, r)),
             evicted: EVICT_REASONS.map(|r| conn(&self.evicted, r)),
+            auth_rejected: crate::auth::AuthError::REASONS.map(|r| conn(&self.auth_rejected, r)),
             heartbeats: self.heartbeats.get_or_create(&l).clone(),
             rejected,
             expiries: self.expiries.get_or_create(&l).clone(),
@@ -350,6 +358,7 @@ impl Metrics {
         for (family, reasons) in [
             (&self.refused, &REFUSE_REASONS[..]),
             (&self.evicted, &EVICT_REASONS[..]),
+            (&self.auth_rejected, &crate::auth::AuthError::REASONS[..]),
         ] {
             for r in reasons {
                 family.remove(&ConnectionLabels {
@@ -412,6 +421,9 @@ pub struct WatchdogMetrics {
     pub refused: [Counter; 2],
     /// Connections evicted, indexed like [`EVICT_REASONS`].
     pub evicted: [Counter; 3],
+    /// Connections of a `psk=` channel rejected, indexed like
+    /// [`AuthError::REASONS`](crate::auth::AuthError::REASONS).
+    pub auth_rejected: [Counter; 7],
     /// Messages received.
     pub heartbeats: Counter,
     /// Rejected inputs, indexed like [`Rejection::ALL`].

@@ -590,6 +590,7 @@ mod tests {
             tcp_user_timeout: None,
             rate_limit: None,
             peer: Default::default(),
+            psk: None,
         });
         let (tx, reports) = mpsc::unbounded_channel();
         let stop = CancellationToken::new();

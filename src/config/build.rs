@@ -10,6 +10,7 @@ use super::{
     Role, WatchdogConfig, supervision,
 };
 use crate::action::script::Script;
+use crate::auth::Key;
 use crate::engine::{EngineSpec, VM_RUNNING};
 use crate::transport::limits::{
     DEFAULT_MAX_CONNECTIONS, DEFAULT_TCP_USER_TIMEOUT_MS, MAX_MAX_CONNECTIONS,
@@ -166,6 +167,18 @@ fn build_chardev(c: &RawChardev) -> Result<Chardev, ConfigError> {
                      peer has no credentials to check",
                 ));
             }
+            let psk = match &c.psk_file {
+                Some(_) if !tcp => {
+                    return Err(ConfigError::invalid(
+                        o,
+                        "psk= is for TCP sockets; a Unix socket names its peer with peer-uid=",
+                    ));
+                }
+                Some(path) => Some(Key::load(path).map_err(|e| {
+                    ConfigError::invalid(o, format!("psk: {}", crate::util::error_chain(&e)))
+                })?),
+                None => None,
+            };
             Ok(Chardev::Socket(SocketChardev {
                 id: c.id.clone(),
                 endpoint,
@@ -180,6 +193,7 @@ fn build_chardev(c: &RawChardev) -> Result<Chardev, ConfigError> {
                     uid: c.peer_uid,
                     gid: c.peer_gid,
                 },
+                psk,
             }))
         }
         "vhost-user-vsock" => {
@@ -215,6 +229,7 @@ fn build_chardev(c: &RawChardev) -> Result<Chardev, ConfigError> {
                 (c.tcp_user_timeout.is_some(), "tcp-user-timeout"),
                 (c.peer_uid.is_some(), "peer-uid"),
                 (c.peer_gid.is_some(), "peer-gid"),
+                (c.psk_file.is_some(), "psk"),
             ] {
                 if set {
                     return Err(ConfigError::invalid(
@@ -420,6 +435,15 @@ fn build_watchdog(
                 return Err(ConfigError::invalid(
                     &o,
                     format!("notification_node={n} is a vsock port; use a socket chardev"),
+                ));
+            }
+            Some(Chardev::Socket(s)) if s.psk.is_some() => {
+                return Err(ConfigError::invalid(
+                    &o,
+                    format!(
+                        "notification_node={n} has psk=: a QEMU monitor speaks QMP or HMP, not \
+                         awd's authenticated framing"
+                    ),
                 ));
             }
             Some(Chardev::Socket(s)) if s.server => {
@@ -834,6 +858,68 @@ mod tests {
                 .any(|n| n.contains("not shorter than timeout")),
             "{:?}",
             cfg.notes
+        );
+    }
+
+    #[test]
+    fn a_psk_is_for_tcp_heartbeat_channels_and_its_file_must_be_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = crate::auth::test_key_file(dir.path(), 0o600);
+        let k = key.display();
+        let cfg = build(
+            &[&format!("socket,id=hb,port=9009,server=on,psk={k}")],
+            &["advanced-watchdog,id=w,awd_node=hb,timeout=1000"],
+        )
+        .unwrap();
+        let Chardev::Socket(s) = &cfg.chardevs["hb"] else {
+            panic!("a socket")
+        };
+        assert_eq!(
+            s.psk,
+            Some(Key::from_bytes(b"0123456789abcdef0123456789abcdef"))
+        );
+        assert!(
+            cfg.to_string().contains("authentication    pre-shared key"),
+            "{cfg}"
+        );
+        let toml = format!(
+            "[chardev.hb]\nport = 9009\nserver = true\npsk_file = \"{k}\"\n\
+             [watchdog.w]\nawd_node = \"hb\"\ntimeout = 1000\n"
+        );
+        let from_file = Config::build(file::parse(&toml, Path::new("a.toml")).unwrap()).unwrap();
+        assert_eq!(from_file.chardevs, cfg.chardevs);
+        let refuse = |chardevs: &[&str], object: &str, want: &str| {
+            let err = build(chardevs, &[object]).map(|_| ()).unwrap_err();
+            let err = crate::util::error_chain(&err);
+            assert!(err.contains(want), "{chardevs:?}: {err}");
+        };
+        let w = "advanced-watchdog,id=w,awd_node=hb,timeout=1";
+        refuse(
+            &[&format!("socket,id=hb,path=/tmp/a,psk={k}")],
+            w,
+            "psk= is for TCP sockets",
+        );
+        refuse(
+            &[&format!(
+                "vhost-user-vsock,id=hb,path=/tmp/v,guest-cid=3,port=1,psk={k}"
+            )],
+            w,
+            "psk= does not apply to vhost-user-vsock",
+        );
+        refuse(
+            &[
+                "socket,id=hb,port=9009,server=on",
+                &format!("socket,id=m,port=4445,psk={k}"),
+            ],
+            "advanced-watchdog,id=w,awd_node=hb,notification_node=m,timeout=1",
+            "a QEMU monitor speaks QMP or HMP",
+        );
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        refuse(
+            &[&format!("socket,id=hb,port=9009,server=on,psk={k}")],
+            w,
+            "readable by others than its owner",
         );
     }
 

@@ -167,6 +167,13 @@ impl fmt::Display for Config {
                     }
                     (Endpoint::Unix(_), _) => {}
                 }
+                if s.psk.is_some() {
+                    writeln!(
+                        f,
+                        "  authentication    pre-shared key (HMAC-SHA256, docs/protocol.md); \
+                         unauthenticated input is rejected"
+                    )?;
+                }
                 if !s.peer.is_any() {
                     let id = |v: Option<u32>| v.map_or("any".to_owned(), |v| v.to_string());
                     writeln!(

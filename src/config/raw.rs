@@ -56,6 +56,10 @@ pub struct RawChardev {
     /// Unix sockets: the only group id a peer may run as (seed `peer-gid`).
     #[serde(alias = "peer-gid")]
     pub peer_gid: Option<u32>,
+    /// TCP: the pre-shared key file; the channel then speaks the authenticated framing of
+    /// `docs/protocol.md` (seed `psk`, TOML `psk_file`).
+    #[serde(alias = "psk")]
+    pub psk_file: Option<std::path::PathBuf>,
     /// Where it came from, for error messages.
     #[serde(skip)]
     pub origin: String,

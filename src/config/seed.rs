@@ -110,6 +110,7 @@ pub fn parse_chardev(arg: &str) -> Result<RawChardev, ConfigError> {
             "tcp-user-timeout" => c.tcp_user_timeout = Some(parse_u64(arg, &k, &v)?),
             "rate-limit" => c.rate_limit = Some(parse_u32(arg, &k, &v)?),
             "peer-uid" | "peer_uid" => c.peer_uid = Some(parse_u32(arg, &k, &v)?),
+            "psk" => c.psk_file = Some(v.into()),
             "peer-gid" | "peer_gid" => c.peer_gid = Some(parse_u32(arg, &k, &v)?),
             "port-vsock" | "vsock-port" => {
                 return Err(ConfigError::syntax(

@@ -56,6 +56,9 @@ pub struct SocketChardev {
     pub rate_limit: Option<u32>,
     /// Unix sockets: who the peer must be (`SO_PEERCRED`); empty, anyone the file mode lets in.
     pub peer: PeerCred,
+    /// TCP: the pre-shared key; the channel then speaks the authenticated framing
+    /// (`docs/protocol.md`) and nothing unauthenticated reaches the watchdog.
+    pub psk: Option<crate::auth::Key>,
 }
 
 /// The credentials a Unix socket's peer must have: its user and group ids as the kernel

@@ -8,6 +8,7 @@
 mod cidr;
 mod endpoint;
 pub mod limits;
+pub mod psk;
 pub mod socket;
 pub mod vsock;
 

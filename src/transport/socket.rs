@@ -32,8 +32,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::limits::{READ_CHUNK, WRITE_TIMEOUT};
+use super::psk;
 use super::{ChannelContext, ChannelEvent, CloseReason, Intake, next_conn_id};
 use super::{Cidr, Endpoint, PeerCred, SocketChardev};
+use crate::auth::{Key, Role};
 use crate::metrics::EVICT_REASONS;
 use crate::util::{LogLimiter, UnixPathGuard, bind_unix_std, error_chain};
 
@@ -150,6 +152,8 @@ pub struct ServerPolicy {
     pub tcp: TcpOptions,
     /// Unix: who a peer must be (`SO_PEERCRED`).
     pub peer: PeerCred,
+    /// TCP: the pre-shared key every connection must prove (`psk=`).
+    pub psk: Option<Key>,
 }
 
 impl ServerPolicy {
@@ -161,6 +165,7 @@ impl ServerPolicy {
             stale_after,
             tcp: TcpOptions::of(ch),
             peer: ch.peer,
+            psk: ch.psk.clone(),
         }
     }
 
@@ -315,6 +320,10 @@ pub async fn serve(
         20,
         Duration::from_secs(1),
     )));
+    let auth_log = Arc::new(std::sync::Mutex::new(LogLimiter::new(
+        5,
+        Duration::from_secs(10),
+    )));
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -347,11 +356,23 @@ pub async fn serve(
                 let slot = ConnSlot::new(conn_log.clone());
                 slots.push(Arc::downgrade(&slot));
                 let (ctx, shutdown, tcp) = (ctx.clone(), shutdown.clone(), policy.tcp);
+                let (psk, auth_log) = (policy.psk.clone(), auth_log.clone());
                 conns.spawn(async move {
                     match stream {
                         Accepted::Tcp(s) => {
                             set_tcp_options(&s, &tcp, &ctx, &peer);
-                            serve_connection(s, peer, &ctx, &shutdown, Some(slot)).await
+                            let Some(key) = psk else {
+                                return serve_connection(s, peer, &ctx, &shutdown, Some(slot))
+                                    .await;
+                            };
+                            let auth = psk::open(s, &key, Role::Server, &ctx, &peer, &auth_log);
+                            let pipe = tokio::select! {
+                                _ = shutdown.cancelled() => None,
+                                p = auth => p,
+                            };
+                            if let Some(pipe) = pipe {
+                                serve_connection(pipe, peer, &ctx, &shutdown, Some(slot)).await
+                            }
                         }
                         Accepted::Unix(s) => {
                             serve_connection(s, peer, &ctx, &shutdown, Some(slot)).await
@@ -441,6 +462,10 @@ async fn accept(l: &Listener) -> io::Result<(Accepted, String, Option<SocketAddr
 pub async fn connect_loop(ch: SocketChardev, ctx: ChannelContext, shutdown: CancellationToken) {
     let tcp = TcpOptions::of(&ch);
     let mut failures = 0u64;
+    let auth_log = Arc::new(std::sync::Mutex::new(LogLimiter::new(
+        5,
+        Duration::from_secs(10),
+    )));
     loop {
         let started = Instant::now();
         let result = tokio::select! {
@@ -454,7 +479,19 @@ pub async fn connect_loop(ch: SocketChardev, ctx: ChannelContext, shutdown: Canc
                 match stream {
                     Accepted::Tcp(s) => {
                         set_tcp_options(&s, &tcp, &ctx, &peer);
-                        run_connection(s, peer, &ctx, &shutdown).await
+                        match &ch.psk {
+                            None => run_connection(s, peer, &ctx, &shutdown).await,
+                            Some(key) => {
+                                let auth = psk::open(s, key, Role::Client, &ctx, &peer, &auth_log);
+                                let pipe = tokio::select! {
+                                    _ = shutdown.cancelled() => return,
+                                    p = auth => p,
+                                };
+                                if let Some(pipe) = pipe {
+                                    run_connection(pipe, peer, &ctx, &shutdown).await
+                                }
+                            }
+                        }
                     }
                     Accepted::Unix(s) => run_connection(s, peer, &ctx, &shutdown).await,
                 }
@@ -682,6 +719,7 @@ mod tests {
             tcp_user_timeout: None,
             rate_limit: None,
             peer: Default::default(),
+            psk: None,
         };
         let p = ServerPolicy::of(&ch, ms(1000));
         assert!(p.admits(Some("10.9.8.7:5".parse().unwrap())));
@@ -718,6 +756,7 @@ mod tests {
                 user_timeout: Some(Duration::from_secs(3)),
             },
             peer: PeerCred::default(),
+            psk: None,
         }
     }
 
