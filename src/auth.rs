@@ -232,6 +232,28 @@ pub fn parse_hello(bytes: &[u8; HELLO_LEN]) -> Result<[u8; NONCE_LEN], AuthError
     Ok(n)
 }
 
+/// Runs one side's handshake over a blocking stream (the guest agent, [`crate::client`]): hello
+/// out, the peer's hello in, proof out, the peer's proof in and checked. The caller bounds it
+/// with the stream's timeouts. A rejection is a `PermissionDenied` error saying why.
+pub fn handshake_blocking<S: std::io::Read + std::io::Write>(
+    s: &mut S,
+    key: &Key,
+    role: Role,
+) -> std::io::Result<Session> {
+    let refused =
+        |e: AuthError| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string());
+    let ours = fresh_nonce()?;
+    s.write_all(&hello(&ours))?;
+    let mut theirs = [0u8; HELLO_LEN];
+    s.read_exact(&mut theirs)?;
+    let session = Session::new(key, role, ours, parse_hello(&theirs).map_err(refused)?);
+    s.write_all(&session.proof())?;
+    let mut proof = [0u8; TAG_LEN];
+    s.read_exact(&mut proof)?;
+    session.check_proof(&proof).map_err(refused)?;
+    Ok(session)
+}
+
 /// One authenticated connection, from one side: both nonces, and the sequence numbers of both
 /// directions.
 #[derive(Debug, Clone)]

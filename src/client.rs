@@ -55,6 +55,43 @@ use crate::engine::{Change, WatchdogEngine};
 use crate::protocol::{EncodeError, MAX_LINE, Message};
 use crate::util::valid_name;
 
+/// A TCP connection to awd's `psk=` channel, authenticated (`docs/protocol.md`): whatever is
+/// written to it goes out as sealed frames, so a [`HealthMonitor`] over it reports to an
+/// authenticated channel as to any other.
+#[derive(Debug)]
+pub struct SealedStream {
+    stream: std::net::TcpStream,
+    session: crate::auth::Session,
+}
+
+impl SealedStream {
+    /// Connects to `addr` and authenticates with `key` (within `timeout` for each step).
+    pub fn connect(
+        addr: impl std::net::ToSocketAddrs,
+        key: &crate::auth::Key,
+        timeout: Duration,
+    ) -> io::Result<SealedStream> {
+        let stream = std::net::TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        let session =
+            crate::auth::handshake_blocking(&mut &stream, key, crate::auth::Role::Client)?;
+        Ok(SealedStream { stream, session })
+    }
+}
+
+impl Write for SealedStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let frame = self.session.seal_all(buf);
+        self.stream.write_all(&frame)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
+    }
+}
+
 /// Why a report was not made, or what it revealed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

@@ -233,3 +233,86 @@ fn an_authenticated_pair_fails_over_and_a_forger_keeps_nothing_alive() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     forger.join().unwrap();
 }
+
+/// The guest agent over `--to tcp: --psk` and `awd::client` over a `SealedStream` keep an
+/// authenticated channel's watchdog alive; the agent's silence fires it; an agent with another
+/// key is refused and keeps nothing alive.
+#[test]
+fn the_agent_and_the_client_speak_the_authenticated_framing() {
+    let dir = scratch("auth-agent");
+    let run = dir.path();
+    let psk = key_file(run, "psk", KEY);
+    let wrong = key_file(run, "wrong", b"a key that the host does not hold....");
+    let port = free_port();
+    let mut awd = Awd::run(
+        run,
+        "awd",
+        &s(&[
+            "--chardev",
+            &format!(
+                "socket,id=h1,host=127.0.0.1,port={port},server=on,wait=off,psk={}",
+                psk.display()
+            ),
+            "--object",
+            "advanced-watchdog,id=w,awd_node=h1,timeout=1000,grace=1500",
+        ]),
+    );
+    awd.wait_msg("awd running", None, SHORT);
+    let agent = |key: &Path| {
+        std::process::Command::new(agent_bin())
+            .args([
+                "--to",
+                &format!("tcp:127.0.0.1:{port}"),
+                "--interval",
+                "200",
+            ])
+            .arg("--psk")
+            .arg(key)
+            .arg("--no-socket")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("awd-agent")
+    };
+    // Another key: refused, and the watchdog expires at the end of its grace regardless.
+    let mut forger = agent(&wrong);
+    awd.wait_msg("watchdog expired", Some("w"), SHORT);
+    let _ = forger.kill();
+    let _ = forger.wait();
+    // The right key: the watchdog re-arms and stays up for three timeouts.
+    let mut real = agent(&psk);
+    awd.wait("the watchdog re-armed", SHORT, |v| {
+        v["message"] == "watchdog status changed" && v["to"] == "ok"
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        expiries(&awd, "w"),
+        1,
+        "the authenticated agent keeps it alive"
+    );
+    real.kill().unwrap();
+    real.wait().unwrap();
+    let deadline = std::time::Instant::now() + SHORT;
+    while expiries(&awd, "w") < 2 {
+        assert!(std::time::Instant::now() < deadline, "silence did not fire");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // awd::client over a sealed stream.
+    let stream =
+        awd::client::SealedStream::connect(("127.0.0.1", port), &Key::from_bytes(KEY), SHORT)
+            .expect("authenticated");
+    let monitor = awd::client::HealthMonitor::new(stream);
+    let before = heartbeats(&awd);
+    for _ in 0..5 {
+        monitor.heartbeat().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let deadline = std::time::Instant::now() + SHORT;
+    while heartbeats(&awd) < before + 5 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the client was not heard"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(awd.status()["w"]["status"], "ok", "{:?}", awd.status());
+}

@@ -78,6 +78,9 @@ pub struct AgentConfig {
     pub reply_pulses: bool,
     /// The local socket for guest programs (`None`: none).
     pub socket: Option<LocalSocket>,
+    /// `tcp:` targets: the pre-shared key of the host's `psk=` channel; every connection is
+    /// authenticated and every message sealed (`docs/protocol.md`).
+    pub psk: Option<crate::auth::Key>,
 }
 
 /// Why the agent stopped with an error, or why a line sent through it did not get through.
@@ -230,6 +233,17 @@ pub struct Agent {
     last_open_failure: Option<Instant>,
     listener: Option<LocalListener>,
     clients: Vec<LocalClient>,
+    /// The authenticated session of the open connection, with `psk`.
+    auth: Option<Auth>,
+}
+
+/// One authenticated connection's state: a session per direction (each keeps its own sequence
+/// numbers) and the bytes of a frame not yet complete.
+#[derive(Debug)]
+struct Auth {
+    opener: crate::auth::Session,
+    sealer: crate::auth::Session,
+    inbound: Vec<u8>,
 }
 
 impl Agent {
@@ -252,6 +266,7 @@ impl Agent {
             last_open_failure: None,
             listener: None,
             clients: Vec::new(),
+            auth: None,
         }
     }
 
@@ -272,8 +287,23 @@ impl Agent {
         if self.conn.is_some() {
             return;
         }
-        match open(&self.cfg.target) {
-            Ok(c) => {
+        let opened = open(&self.cfg.target).and_then(|c| {
+            let auth = match (&self.cfg.psk, &c) {
+                (Some(key), target::Conn::Tcp(s)) => {
+                    let session = target::authenticate(s, key)?;
+                    Some(Auth {
+                        opener: session.clone(),
+                        sealer: session,
+                        inbound: Vec::new(),
+                    })
+                }
+                _ => None,
+            };
+            Ok((c, auth))
+        });
+        match opened {
+            Ok((c, auth)) => {
+                self.auth = auth;
                 self.stats.connects += 1;
                 self.last_error = None;
                 self.last_open_failure = None;
@@ -291,6 +321,7 @@ impl Agent {
     }
 
     fn drop_conn(&mut self, why: &str) {
+        self.auth = None;
         if self.conn.take().is_some() {
             eprintln!("awd-agent: {} closed: {why}", self.cfg.target);
         }
@@ -333,6 +364,22 @@ impl Agent {
     /// Writes one message to the host after whatever is pending. Never blocks, never queues a
     /// message that has not started: one the host cannot take now is dropped.
     fn write_host(&mut self, msg: &[u8], is_beat: bool) -> Written {
+        let Some(auth) = &mut self.auth else {
+            return self.write_host_raw(msg, is_beat);
+        };
+        // A frame that is not sent at all must not use up its sequence number, or the host
+        // would take the next one for a replay.
+        let before = auth.sealer.clone();
+        let frame = auth.sealer.seal_all(msg);
+        let written = self.write_host_raw(&frame, is_beat);
+        if let (Written::Not, Some(auth)) = (written, &mut self.auth) {
+            auth.sealer = before;
+        }
+        written
+    }
+
+    /// [`write_host`](Self::write_host) of bytes as they go on the wire.
+    fn write_host_raw(&mut self, msg: &[u8], is_beat: bool) -> Written {
         if !self.flush_host() {
             return Written::Not;
         }
@@ -410,11 +457,33 @@ impl Agent {
                     return;
                 }
                 Ok(n) => {
+                    // On an authenticated connection only verified payloads are input.
+                    let plain = match &mut self.auth {
+                        None => buf[..n].to_vec(),
+                        Some(auth) => {
+                            auth.inbound.extend_from_slice(&buf[..n]);
+                            let mut plain = Vec::new();
+                            loop {
+                                match auth.opener.open(&mut auth.inbound) {
+                                    Ok(Some(p)) => plain.extend(p),
+                                    Ok(None) => break,
+                                    Err(e) => {
+                                        self.drop_conn(&format!("rejected: {e}"));
+                                        return;
+                                    }
+                                }
+                            }
+                            if plain.is_empty() {
+                                continue;
+                            }
+                            plain
+                        }
+                    };
                     // Any input from the host proves it alive, a partial pulse frame too: only
                     // complete pulses are counted and answered.
                     self.last_pulse = Instant::now();
                     let mut pulses = 0;
-                    self.decoder.feed(&buf[..n], |m| {
+                    self.decoder.feed(&plain, |m| {
                         if m == Message::Pulse {
                             pulses += 1;
                         }
@@ -839,6 +908,7 @@ mod tests {
             count: None,
             expect_pulses: None,
             reply_pulses: false,
+            psk: None,
             socket: socket.map(|p| LocalSocket {
                 path: p.to_owned(),
                 required: true,

@@ -120,6 +120,22 @@ impl Conn {
     }
 }
 
+/// Runs the client's half of the `psk=` handshake (`docs/protocol.md`) on a freshly connected
+/// TCP socket, blocking for at most the handshake timeout, and leaves it non-blocking.
+pub(super) fn authenticate(
+    s: &TcpStream,
+    key: &crate::auth::Key,
+) -> io::Result<crate::auth::Session> {
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let session = crate::auth::handshake_blocking(&mut &*s, key, crate::auth::Role::Client)?;
+    s.set_read_timeout(None)?;
+    s.set_write_timeout(None)?;
+    s.set_nonblocking(true)?;
+    Ok(session)
+}
+
 /// Connects an AF_VSOCK stream socket to `cid:port`, then makes it non-blocking.
 pub(super) fn vsock_connect(cid: u32, port: u32) -> io::Result<File> {
     // SAFETY: plain socket(2); the result is checked and owned right away.

@@ -73,6 +73,10 @@ struct RunArgs {
     /// Open no local socket: heartbeats only.
     #[arg(long)]
     no_socket: bool,
+    /// With --to tcp:, the pre-shared key file of the host's psk= channel: every connection is
+    /// authenticated and every message sealed (docs/protocol.md). Mode 600 or 400.
+    #[arg(long, value_name = "FILE")]
+    psk: Option<PathBuf>,
 }
 
 /// Lines sent through the running agent.
@@ -177,6 +181,24 @@ fn run(args: RunArgs) -> ExitCode {
         eprintln!("awd-agent: error: --message must be one line");
         return ExitCode::FAILURE;
     }
+    let psk = match &args.psk {
+        None => None,
+        Some(_) if !matches!(target, Target::Tcp(_)) => {
+            eprintln!("awd-agent: error: --psk is for --to tcp: (other channels are local)");
+            return ExitCode::FAILURE;
+        }
+        Some(_) if args.interval == 0 => {
+            eprintln!("awd-agent: error: the load mode (--interval 0) does not speak --psk");
+            return ExitCode::FAILURE;
+        }
+        Some(path) => match awd::auth::Key::load(path) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                eprintln!("awd-agent: error: {}", error_chain(&e));
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     if args.interval == 0 {
         return flood(target, args.message, args.raw, args.count);
     }
@@ -193,6 +215,7 @@ fn run(args: RunArgs) -> ExitCode {
         expect_pulses: args.expect_pulses.map(Duration::from_millis),
         reply_pulses: args.reply_pulses,
         socket,
+        psk,
     });
     eprintln!("awd-agent: started");
     match agent.run() {
@@ -225,6 +248,7 @@ fn flood(target: Target, message: String, raw: bool, count: Option<u64>) -> Exit
         expect_pulses: None,
         reply_pulses: false,
         socket: None,
+        psk: None,
     });
     match agent.flood() {
         Ok(r) => {
