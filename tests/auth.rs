@@ -316,3 +316,50 @@ fn the_agent_and_the_client_speak_the_authenticated_framing() {
     }
     assert_eq!(awd.status()["w"]["status"], "ok", "{:?}", awd.status());
 }
+
+/// On a full `psk=` channel, connections that never complete the handshake are the ones
+/// evicted: twenty idle sockets cannot push out the authenticated peer.
+#[test]
+fn unauthenticated_connections_never_crowd_out_the_real_peer() {
+    let dir = scratch("auth-crowd");
+    let run = dir.path();
+    let psk = key_file(run, "psk", KEY);
+    let port = free_port();
+    let mut awd = Awd::run(
+        run,
+        "awd",
+        &s(&[
+            "--chardev",
+            &format!(
+                "socket,id=h1,host=127.0.0.1,port={port},server=on,wait=off,max-connections=2,psk={}",
+                psk.display()
+            ),
+            "--object",
+            "advanced-watchdog,id=w,awd_node=h1,timeout=1000,grace=10000",
+        ]),
+    );
+    awd.wait_msg("awd running", None, SHORT);
+    let (mut real, mut session) = authenticate(port, KEY);
+    real.write_all(&session.seal(b"WATCHDOG=1\n")).unwrap();
+    awd.wait_msg("connected", Some("w"), SHORT);
+    let mut idle = Vec::new();
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_secs(3) {
+        if idle.len() < 20 {
+            idle.push(TcpStream::connect(("127.0.0.1", port)).unwrap());
+        }
+        real.write_all(&session.seal(b"WATCHDOG=1\n")).unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    assert_eq!(expiries(&awd, "w"), 0, "the real peer was crowded out");
+    let evicted = awd.records(|v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("channel full"))
+    });
+    assert!(!evicted.is_empty(), "the idle sockets were evicted");
+    assert!(
+        evicted.iter().all(|v| v["reason"] == "never_spoke"),
+        "{evicted:?}"
+    );
+}
