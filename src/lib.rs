@@ -20,8 +20,8 @@
 //! | [`auth`] | the authenticated framing of channels with a pre-shared key: handshake, tagged frames (sans-IO) | none |
 //! | [`engine`] | pure supervision: events and the current time in, status changes and the next deadline out | none |
 //! | [`protocol`] | the bytes on a heartbeat channel: one message type with its decoder, encoder and mapping to engine events | engine |
-//! | [`client`] | the health-monitoring API for guest programs | engine, protocol |
-//! | [`agent`] | the guest agent behind the `awd-agent` binary | protocol |
+//! | [`client`] | the health-monitoring API for guest programs | engine, protocol, auth |
+//! | [`agent`] | the guest agent behind the `awd-agent` binary | protocol, auth |
 //! | `metrics` | the Prometheus registry and per-watchdog counters; subsystems add their own collectors | engine, protocol, auth |
 //! | `transport` | heartbeat channels: TCP/Unix sockets (server or client with reconnect, optionally authenticated), and awd's own vhost-user vsock device | metrics, protocol, auth |
 //! | `action` | what runs on expiry: typed QMP through `qapi`, HMP lines, raw notification lines | transport (endpoints), metrics |
