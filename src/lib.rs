@@ -47,6 +47,9 @@ pub mod config;
 pub mod control;
 #[cfg(feature = "daemon")]
 pub mod daemon;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 #[cfg(feature = "daemon")]
 pub mod metrics;
 #[cfg(feature = "daemon")]

@@ -12,7 +12,7 @@
 //!   | `WATCHDOG_USEC=N` | set the timeout to N µs (within the configured bounds) |
 //!   | `CHECKPOINT=name` | a named checkpoint (alive, deadline and logical supervision) |
 //!   | `CONDITION=name=1` / `CONDITION=name=0` | set or clear a linked condition |
-//!   | `STATUS=text` | free text, logged |
+//!   | `STATUS=text` | free text, logged (text holding a line break is rejected) |
 //!   | anything else | a plain heartbeat, as in the seed: any input refreshes the timer |
 //!
 //! * **AWD frames**: a 4-byte big-endian length, then the payload, the framing QEMU's
@@ -157,7 +157,8 @@ pub enum Rejection {
     FrameTooLong,
     /// A line or frame that is not UTF-8.
     InvalidUtf8,
-    /// A known key with a value that does not parse (`WATCHDOG_USEC=abc`, a bad name).
+    /// A known key with a value that does not parse (`WATCHDOG_USEC=abc`, a bad name, status
+    /// text holding a line break).
     BadValue,
 }
 
@@ -347,6 +348,9 @@ pub fn parse_line(raw: &[u8]) -> Message {
             _ => Message::Rejected(Rejection::BadValue),
         },
         "CHECKPOINT" => Message::Rejected(Rejection::BadValue),
+        // A line break inside the text (a carriage return in a line, a newline in a frame)
+        // could not be sent on, as the encoder refuses it, and would forge log lines.
+        "STATUS" if value.contains(['\r', '\n']) => Message::Rejected(Rejection::BadValue),
         "STATUS" => Message::Status(value.into()),
         _ => Message::Heartbeat,
     }
@@ -414,6 +418,27 @@ mod tests {
         assert_eq!(
             decode_chunks(&[input]),
             vec![Owned::Rejected(Rejection::BadValue); 5]
+        );
+    }
+
+    /// Found by the `decoder` fuzz target (fuzz/corpus/decoder/crash-status-carriage-return
+    /// and crash-status-newline-in-frame): status text with a carriage return inside a line,
+    /// or a newline inside a frame, was accepted, but the encoder refuses line breaks, so awd
+    /// could not pass on what it had accepted. Only a line's own trailing `\r` is dropped.
+    #[test]
+    fn status_text_with_a_line_break_is_rejected() {
+        let mut input = b"STATUS=\0\0\rDOG_USEC=\nSTATUS=a\r\r\nSTATUS=ok\r\n".to_vec();
+        input.extend(frame(b"STATUS=a\nSTATUS=b"));
+        input.extend(frame(b"STATUS=framed\r"));
+        assert_eq!(
+            decode_chunks(&[&input]),
+            vec![
+                Owned::Rejected(Rejection::BadValue),
+                Owned::Rejected(Rejection::BadValue),
+                Owned::Status("ok".into()),
+                Owned::Rejected(Rejection::BadValue),
+                Owned::Status("framed".into()),
+            ]
         );
     }
 

@@ -35,7 +35,7 @@ const HMP_PROMPT: &[u8] = b"(qemu) ";
 pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
 
-type BoxStream = Box<dyn Stream>;
+pub(crate) type BoxStream = Box<dyn Stream>;
 
 /// What a notification node turned out to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,11 +158,11 @@ pub enum DeliveryError {
 
 /// A connected notification node.
 pub struct Monitor {
-    conn: Conn,
-    peer_pid: Option<u32>,
+    pub(crate) conn: Conn,
+    pub(crate) peer_pid: Option<u32>,
 }
 
-enum Conn {
+pub(crate) enum Conn {
     /// A QMP monitor (shared with the task that follows the VM's run state).
     Qmp(std::sync::Arc<QmpClient>),
     /// An HMP monitor.
@@ -329,7 +329,11 @@ impl Monitor {
         Ok(Monitor { conn, peer_pid })
     }
 
-    async fn greet(stream: BoxStream, ep: &str, known: Option<Kind>) -> Result<Conn, MonitorError> {
+    pub(crate) async fn greet(
+        stream: BoxStream,
+        ep: &str,
+        known: Option<Kind>,
+    ) -> Result<Conn, MonitorError> {
         let (r, writer) = tokio::io::split(stream);
         let mut reader = BufReader::new(r);
         let read_err = |source| MonitorError::Read {

@@ -184,7 +184,7 @@ pub(super) fn bind_local(path: &Path) -> Result<LocalListener, AgentError> {
 
 /// A guest program connected to the local socket.
 #[derive(Debug)]
-pub(super) struct LocalClient {
+pub(crate) struct LocalClient {
     pub(super) stream: UnixStream,
     /// The line received so far, at most [`MAX_LINE`] bytes.
     pub(super) line: Vec<u8>,
@@ -199,7 +199,7 @@ pub(super) struct LocalClient {
 }
 
 impl LocalClient {
-    pub(super) fn new(stream: UnixStream) -> Self {
+    pub(crate) fn new(stream: UnixStream) -> Self {
         LocalClient {
             stream,
             line: Vec::new(),

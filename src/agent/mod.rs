@@ -37,7 +37,7 @@
 //! can delay a heartbeat.
 
 pub mod limits;
-mod local;
+pub(crate) mod local;
 pub mod relay;
 mod target;
 
@@ -580,7 +580,7 @@ impl Agent {
 
     /// Reads what a client sent (a bounded amount), relays its complete lines and queues the
     /// answers, then writes what answers the socket takes.
-    fn serve_client(&mut self, c: &mut LocalClient) {
+    pub(crate) fn serve_client(&mut self, c: &mut LocalClient) {
         let mut buf = [0u8; 8192];
         let mut budget = READ_BUDGET;
         while budget > 0 && !c.eof && !c.dead {

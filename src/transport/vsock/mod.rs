@@ -55,7 +55,7 @@
 //! | [`conn`] | one connection: its credit, its outbox, the writer the watchdog gets |
 //! | [`limits`] | every bound and tunable of the device, each with the reason for its value |
 //! | [`stats`] | the device's counters |
-//! | `test_driver.rs` | unit tests only: a fake guest driver on real virtqueues in guest memory |
+//! | `test_driver.rs` | unit tests and the fuzz targets only: a fake guest driver on real virtqueues in guest memory |
 //! | `device/tests/` | unit tests of the whole device through that driver, one theme per file, and its property tests |
 
 mod collector;
@@ -64,8 +64,8 @@ pub mod device;
 pub mod limits;
 pub mod packet;
 pub mod stats;
-#[cfg(test)]
-mod test_driver;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod test_driver;
 pub mod tx;
 
 use std::io;
