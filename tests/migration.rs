@@ -7,12 +7,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::Value;
 
 const TIMEOUT_MS: u64 = 2000;
 const GRACE_MS: u64 = 8000;
@@ -53,29 +51,6 @@ fn qemu_opts(run: &Path, extra: &[&str]) -> QemuOpts {
         ])),
         args,
         ..QemuOpts::new("vm1")
-    }
-}
-
-/// Sends one QMP command (a JSON object) on the test's own monitor; returns its reply.
-fn qmp_json(path: &Path, command: &Value) -> Value {
-    use std::os::unix::net::UnixStream;
-    let s = UnixStream::connect(path).expect("test QMP socket");
-    s.set_read_timeout(Some(SHORT)).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    let mut w = s;
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    writeln!(w, "{{\"execute\": \"qmp_capabilities\"}}").unwrap();
-    line.clear();
-    r.read_line(&mut line).unwrap();
-    writeln!(w, "{command}").unwrap();
-    loop {
-        line.clear();
-        r.read_line(&mut line).unwrap();
-        let v: Value = serde_json::from_str(&line).unwrap();
-        if v.get("return").is_some() || v.get("error").is_some() {
-            return v;
-        }
     }
 }
 

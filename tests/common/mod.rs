@@ -544,6 +544,11 @@ pub fn script(dir: &Path, name: &str, text: &str) -> PathBuf {
 /// Sends one QMP command on a monitor socket of the test's own (not awd's) and returns the
 /// reply line.
 pub fn qmp(path: &Path, command: &str) -> Value {
+    qmp_json(path, &serde_json::json!({ "execute": command }))
+}
+
+/// [`qmp`] with a whole command object (arguments too).
+pub fn qmp_json(path: &Path, command: &Value) -> Value {
     use std::os::unix::net::UnixStream;
     let s = UnixStream::connect(path).expect("test QMP socket");
     s.set_read_timeout(Some(SHORT)).unwrap();
@@ -554,7 +559,7 @@ pub fn qmp(path: &Path, command: &str) -> Value {
     writeln!(w, "{{\"execute\": \"qmp_capabilities\"}}").unwrap();
     line.clear();
     r.read_line(&mut line).unwrap();
-    writeln!(w, "{{\"execute\": \"{command}\"}}").unwrap();
+    writeln!(w, "{command}").unwrap();
     loop {
         line.clear();
         r.read_line(&mut line).unwrap();
