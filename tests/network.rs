@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::netns::*;
 use common::*;
 use serde_json::Value;
 
@@ -266,88 +267,6 @@ fn a_client_reconnects_after_the_server_restarts() {
     wait_above("replies count on the new primary", 0, || {
         heartbeats(&primary, "primary")
     });
-}
-
-/// Two network namespaces joined by a veth pair with a private /30, removed on drop (also
-/// when the test fails).
-struct Netns {
-    client: String,
-    server: String,
-    server_if: String,
-}
-
-/// The /30 inside the namespaces: the client's and the server's address.
-const CLIENT_ADDR: &str = "10.254.77.1";
-const SERVER_ADDR: &str = "10.254.77.2";
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("ip runs");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-impl Netns {
-    fn new() -> Netns {
-        let tag = std::process::id() % 100_000;
-        let ns = Netns {
-            client: format!("awdt{tag}c"),
-            server: format!("awdt{tag}s"),
-            server_if: format!("awv{tag}s"),
-        };
-        let client_if = format!("awv{tag}c");
-        // Leftovers of an earlier run with the same pid.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &ns.client])
-            .output();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &ns.server])
-            .output();
-        ip(&["netns", "add", &ns.client]);
-        ip(&["netns", "add", &ns.server]);
-        ip(&[
-            "link",
-            "add",
-            &client_if,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &ns.server_if,
-        ]);
-        ip(&["link", "set", &client_if, "netns", &ns.client]);
-        ip(&["link", "set", &ns.server_if, "netns", &ns.server]);
-        for (n, dev, addr) in [
-            (&ns.client, &client_if, CLIENT_ADDR),
-            (&ns.server, &ns.server_if, SERVER_ADDR),
-        ] {
-            ip(&["-n", n, "addr", "add", &format!("{addr}/30"), "dev", dev]);
-            ip(&["-n", n, "link", "set", dev, "up"]);
-            ip(&["-n", n, "link", "set", "lo", "up"]);
-        }
-        ns
-    }
-
-    /// The server's host vanishes: its link goes down, nothing is sent, no FIN, no RST.
-    fn cut(&self) {
-        ip(&["-n", &self.server, "link", "set", &self.server_if, "down"]);
-    }
-
-    fn heal(&self) {
-        ip(&["-n", &self.server, "link", "set", &self.server_if, "up"]);
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        // Deleting a namespace deletes the veth end in it, and so the pair.
-        for n in [&self.client, &self.server] {
-            let _ = Command::new("ip").args(["netns", "del", n]).output();
-        }
-    }
 }
 
 /// An awd process inside a network namespace (`ip netns exec` execs it, so the pid is awd's).

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod netns;
+
 /// The bound for anything that involves a guest booting under TCG on a loaded machine.
 pub const BOOT: Duration = Duration::from_secs(120);
 /// The bound for an event that should follow within seconds.
@@ -73,7 +75,8 @@ pub fn free_port() -> u16 {
 /// Lines read from a child's pipe, kept for the failure report and delivered in order.
 pub struct LineStream {
     rx: Receiver<String>,
-    all: Arc<Mutex<Vec<String>>>,
+    /// Every line so far, with the instant it was read.
+    all: Arc<Mutex<Vec<(Instant, String)>>>,
     /// Lines received but not matched yet, in arrival order.
     pending: std::collections::VecDeque<String>,
 }
@@ -96,7 +99,7 @@ impl LineStream {
                         if let Some(f) = file.as_mut() {
                             let _ = writeln!(f, "{line}");
                         }
-                        all2.lock().unwrap().push(line.clone());
+                        all2.lock().unwrap().push((Instant::now(), line.clone()));
                         if tx.send(line).is_err() {
                             // Nobody listens any more; keep draining so the child never blocks.
                         }
@@ -140,7 +143,7 @@ impl LineStream {
 
     /// The index of the first line so far matching `pred`.
     pub fn position(&self, pred: impl Fn(&str) -> bool) -> Option<usize> {
-        self.all.lock().unwrap().iter().position(|l| pred(l))
+        self.all.lock().unwrap().iter().position(|(_, l)| pred(l))
     }
 
     /// Waits for the stream to end (the child closed its end, normally by exiting).
@@ -160,7 +163,25 @@ impl LineStream {
 
     /// Every line so far (including unconsumed ones).
     pub fn all(&self) -> Vec<String> {
+        self.all
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, l)| l.clone())
+            .collect()
+    }
+
+    /// Every line so far with the instant it was read (a witness's clock: the reader thread
+    /// takes each line as the child writes it).
+    pub fn all_timed(&self) -> Vec<(Instant, String)> {
         self.all.lock().unwrap().clone()
+    }
+
+    /// Forgets the lines received and not yet matched, so that later waits match only lines
+    /// that arrive from now on.
+    pub fn skip_pending(&mut self) {
+        self.pending.clear();
+        while self.rx.try_recv().is_ok() {}
     }
 
     /// Lines read from any reader (a socket, a child's pipe), mirrored to `mirror` if given.
@@ -197,6 +218,9 @@ pub struct QemuOpts {
     pub kernel: bool,
     /// More kernel command-line words (e.g. `awd_delay=5`: the agent starts 5 s after boot).
     pub append: String,
+    /// `-no-reboot` (the default): a guest reboot or `system_reset` ends QEMU. Off, the guest
+    /// reboots in place, as on a host.
+    pub no_reboot: bool,
 }
 
 impl QemuOpts {
@@ -210,6 +234,7 @@ impl QemuOpts {
             memfd: false,
             kernel: true,
             append: String::new(),
+            no_reboot: true,
         }
     }
 }
@@ -235,13 +260,10 @@ impl Qemu {
     /// Starts QEMU. The console and trace are mirrored to files in `dir`.
     pub fn start(dir: &Path, opts: QemuOpts) -> Qemu {
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args([
-            "-nodefaults",
-            "-display",
-            "none",
-            "-no-reboot",
-            "-no-user-config",
-        ]);
+        cmd.args(["-nodefaults", "-display", "none", "-no-user-config"]);
+        if opts.no_reboot {
+            cmd.arg("-no-reboot");
+        }
         if opts.kernel {
             let g = guest_dir();
             cmd.args(accel_args());
@@ -395,7 +417,30 @@ impl Awd {
 
     /// [`Awd::run`] with extra environment variables.
     pub fn run_env(dir: &Path, name: &str, args: &[String], env: &[(&str, &str)]) -> Awd {
-        let mut cmd = Command::new(awd_bin());
+        Self::spawn(dir, name, args, env, None)
+    }
+
+    /// [`Awd::run`] inside the network namespace `netns` (`ip netns exec` execs awd, so the
+    /// pid is awd's and signals reach it).
+    pub fn run_in_netns(dir: &Path, name: &str, args: &[String], netns: &str) -> Awd {
+        Self::spawn(dir, name, args, &[], Some(netns))
+    }
+
+    fn spawn(
+        dir: &Path,
+        name: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+        netns: Option<&str>,
+    ) -> Awd {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(awd_bin());
+                c
+            }
+            None => Command::new(awd_bin()),
+        };
         cmd.envs(env.iter().copied());
         cmd.arg("run")
             .args(args)
