@@ -227,8 +227,6 @@ fn build_chardev(c: &RawChardev) -> Result<Chardev, ConfigError> {
                 (c.max_connections.is_some(), "max-connections"),
                 (c.peers.is_some(), "peers"),
                 (c.tcp_user_timeout.is_some(), "tcp-user-timeout"),
-                (c.peer_uid.is_some(), "peer-uid"),
-                (c.peer_gid.is_some(), "peer-gid"),
                 (c.psk_file.is_some(), "psk"),
             ] {
                 if set {
@@ -244,6 +242,10 @@ fn build_chardev(c: &RawChardev) -> Result<Chardev, ConfigError> {
                 guest_cid,
                 port,
                 rate_limit: check_rate_limit(o, c.rate_limit)?,
+                peer: PeerCred {
+                    uid: c.peer_uid,
+                    gid: c.peer_gid,
+                },
             }))
         }
         other => Err(ConfigError::invalid(
@@ -277,13 +279,25 @@ impl Config {
                 });
             }
         }
-        // vsock chardevs on one device must agree on the guest CID, and ports must be unique.
-        let mut devices: BTreeMap<&Path, (u64, BTreeSet<u32>)> = BTreeMap::new();
+        // vsock chardevs on one device must agree on the guest CID and the peer (both belong
+        // to the device), and ports must be unique.
+        let mut devices: BTreeMap<&Path, (u64, BTreeSet<u32>, PeerCred)> = BTreeMap::new();
         for ch in cfg.chardevs.values() {
             if let Chardev::Vsock(v) = ch {
-                let entry = devices
-                    .entry(&v.path)
-                    .or_insert((v.guest_cid, BTreeSet::new()));
+                let entry =
+                    devices
+                        .entry(&v.path)
+                        .or_insert((v.guest_cid, BTreeSet::new(), v.peer));
+                if entry.2 != v.peer {
+                    return Err(ConfigError::invalid(
+                        &format!("chardev '{}'", v.id),
+                        format!(
+                            "peer-uid=/peer-gid= differ from another chardev's on {}: they \
+                             belong to the device, so name them alike on every chardev",
+                            v.path.display()
+                        ),
+                    ));
+                }
                 if entry.0 != v.guest_cid {
                     return Err(ConfigError::invalid(
                         &format!("chardev '{}'", v.id),
@@ -952,10 +966,6 @@ mod tests {
                 "socket,id=hb,port=9009,server=on,peer-uid=0",
                 "peer-uid=/peer-gid= are for Unix sockets",
             ),
-            (
-                "vhost-user-vsock,id=hb,path=/tmp/v.sock,guest-cid=3,port=1,peer-gid=0",
-                "peer-gid= does not apply to vhost-user-vsock",
-            ),
             ("socket,id=hb,path=/tmp/a,peer-uid=x", "peer-uid"),
         ] {
             let err = build(
@@ -967,6 +977,47 @@ mod tests {
             let err = crate::util::error_chain(&err);
             assert!(err.contains(want), "{chardev}: {err}");
         }
+    }
+
+    /// The vhost-user socket checks its QEMU too; the check belongs to the device, so every
+    /// chardev on one path must name the same credentials.
+    #[test]
+    fn a_vsock_device_names_its_qemus_credentials_once_for_all_its_ports() {
+        let cfg = build(
+            &[
+                "vhost-user-vsock,id=hb,path=/tmp/v.sock,guest-cid=3,port=1,peer-uid=107,peer-gid=115",
+                "vhost-user-vsock,id=app,path=/tmp/v.sock,guest-cid=3,port=2,peer-uid=107,peer-gid=115",
+            ],
+            &[
+                "advanced-watchdog,id=w,awd_node=hb,timeout=1",
+                "advanced-watchdog,id=a,awd_node=app,timeout=1",
+            ],
+        )
+        .unwrap();
+        let Chardev::Vsock(v) = &cfg.chardevs["hb"] else {
+            panic!("a vsock chardev")
+        };
+        assert_eq!(
+            v.peer,
+            PeerCred {
+                uid: Some(107),
+                gid: Some(115)
+            }
+        );
+        let err = build(
+            &[
+                "vhost-user-vsock,id=hb,path=/tmp/v.sock,guest-cid=3,port=1,peer-uid=107",
+                "vhost-user-vsock,id=app,path=/tmp/v.sock,guest-cid=3,port=2",
+            ],
+            &[
+                "advanced-watchdog,id=w,awd_node=hb,timeout=1",
+                "advanced-watchdog,id=a,awd_node=app,timeout=1",
+            ],
+        )
+        .map(|_| ())
+        .unwrap_err();
+        let err = crate::util::error_chain(&err);
+        assert!(err.contains("peer-uid=/peer-gid= differ"), "{err}");
     }
 
     #[test]

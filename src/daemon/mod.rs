@@ -181,6 +181,7 @@ struct RunningVsock {
     device: VsockDevice,
     guest_cid: u64,
     ports: BTreeMap<u32, String>,
+    peer: crate::transport::PeerCred,
 }
 
 #[derive(Default)]
@@ -209,6 +210,7 @@ impl State {
             let spec = VsockSpec {
                 guest_cid: d.guest_cid,
                 ports: d.ports.clone(),
+                peer: d.peer,
             };
             (path.clone(), spec)
         });
@@ -655,6 +657,7 @@ impl Daemon {
                 socket_path: path.clone(),
                 guest_cid: spec.guest_cid,
                 ports: Vec::new(),
+                peer: spec.peer,
             };
             for (port, id) in &spec.ports {
                 let (Some((tx, _, wm)), Some(w)) =
@@ -676,6 +679,7 @@ impl Daemon {
                 device,
                 guest_cid: spec.guest_cid,
                 ports: spec.ports.clone(),
+                peer: spec.peer,
             };
             p.devices.insert(path.clone(), running);
         }

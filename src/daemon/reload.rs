@@ -31,6 +31,8 @@ pub struct VsockSpec {
     pub guest_cid: u64,
     /// The watchdog each served port feeds.
     pub ports: BTreeMap<u32, String>,
+    /// Who QEMU must run as.
+    pub peer: crate::transport::PeerCred,
 }
 
 /// What runs, or what a configuration asks to run, as plain data.
@@ -54,6 +56,7 @@ impl Layout {
                 path,
                 guest_cid,
                 port,
+                peer,
                 ..
             }) = &chardev
             {
@@ -62,6 +65,7 @@ impl Layout {
                     .or_insert_with(|| VsockSpec {
                         guest_cid: *guest_cid,
                         ports: BTreeMap::new(),
+                        peer: *peer,
                     })
                     .ports
                     .insert(*port, w.id.clone());
@@ -144,6 +148,15 @@ pub enum Refusal {
         /// The ports the new configuration gives it.
         wanted: Vec<u32>,
     },
+    /// The `peer-uid=`/`peer-gid=` of a running vsock device would change. The QEMU it serves
+    /// was admitted under the old ones; it is not disconnected behind the operator's back.
+    #[error(
+        "vsock device {path}: its peer-uid/peer-gid changed; restart awd (and QEMU) to apply that"
+    )]
+    VsockPeer {
+        /// The device's vhost-user socket.
+        path: PathBuf,
+    },
 }
 
 /// What a reload does to one watchdog.
@@ -221,6 +234,9 @@ impl ReloadPlan {
                     running: run.guest_cid,
                     wanted: want.guest_cid,
                 });
+            }
+            if run.peer != want.peer {
+                return Err(Refusal::VsockPeer { path: path.clone() });
             }
             if !run.ports.keys().eq(want.ports.keys()) {
                 return Err(Refusal::VsockPorts {
@@ -486,6 +502,8 @@ mod tests {
     const V9_RENAMED: &str =
         "-chardev vhost-user-vsock,id=w9,path=/run/v.sock,guest-cid=3,port=9009";
     const V9_CID4: &str = "-chardev vhost-user-vsock,id=v9,path=/run/v.sock,guest-cid=4,port=9009";
+    const V9_UID: &str =
+        "-chardev vhost-user-vsock,id=v9,path=/run/v.sock,guest-cid=3,port=9009,peer-uid=107";
     const V9_OTHER: &str = "-chardev vhost-user-vsock,id=v9,path=/run/u.sock,guest-cid=3,port=9009";
     const V10: &str = "-chardev vhost-user-vsock,id=v10,path=/run/v.sock,guest-cid=3,port=9010";
     const V11: &str = "-chardev vhost-user-vsock,id=v10,path=/run/v.sock,guest-cid=3,port=9011";
@@ -698,6 +716,12 @@ mod tests {
                     running: 3,
                     wanted: 4,
                 }),
+            ),
+            (
+                "new peer credentials on a running vsock device are refused",
+                lines(&[V9, VM_V9]),
+                lines(&[V9_UID, VM_V9]),
+                Err(Refusal::VsockPeer { path: v.into() }),
             ),
             (
                 "several at once",

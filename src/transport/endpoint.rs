@@ -116,4 +116,7 @@ pub struct VsockChardev {
     pub port: u32,
     /// Input messages per second that are parsed (`None`: all).
     pub rate_limit: Option<u32>,
+    /// Who the QEMU on the vhost-user socket must run as (`SO_PEERCRED`); one value per
+    /// device, so every chardev on the same `path` names the same.
+    pub peer: PeerCred,
 }

@@ -72,6 +72,7 @@ impl Collector for VsockCollector {
         let (frontends, connections, refused, resets) =
             (counter(), counter(), counter(), counter());
         let (credit_updates, events_dropped, control_dropped) = (counter(), counter(), counter());
+        let frontends_refused = counter();
         let open = Family::<DeviceLabels, Gauge>::default();
         let packets = Family::<DeviceDirLabels, Counter>::default();
         let bytes = Family::<DeviceDirLabels, Counter>::default();
@@ -82,6 +83,9 @@ impl Collector for VsockCollector {
                 device: path.clone(),
             };
             frontends.get_or_create(&d).inc_by(st.frontends);
+            frontends_refused
+                .get_or_create(&d)
+                .inc_by(st.frontends_refused);
             connections.get_or_create(&d).inc_by(st.connections_opened);
             open.get_or_create(&d).set(st.connections_open as i64);
             refused.get_or_create(&d).inc_by(st.connections_refused);
@@ -117,6 +121,12 @@ impl Collector for VsockCollector {
             "vsock_frontends",
             "QEMU frontends served (each connect of QEMU to the socket)",
             &frontends,
+        )?;
+        put(
+            e,
+            "vsock_frontends_refused",
+            "QEMU connections closed at once: the peer process is not the peer-uid/peer-gid asked for",
+            &frontends_refused,
         )?;
         put(
             e,
@@ -187,6 +197,7 @@ mod tests {
         let text = m.encode();
         for family in [
             "awd_vsock_frontends_total",
+            "awd_vsock_frontends_refused_total",
             "awd_vsock_connections_total",
             "awd_vsock_connections_open",
             "awd_vsock_connections_refused_total",

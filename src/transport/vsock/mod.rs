@@ -63,6 +63,7 @@ pub mod conn;
 pub mod device;
 pub mod limits;
 pub mod packet;
+mod peer;
 pub mod stats;
 #[cfg(any(test, feature = "fuzzing"))]
 pub(crate) mod test_driver;
@@ -86,7 +87,8 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::transport::{ChannelContext, CloseReason};
+use crate::transport::{ChannelContext, CloseReason, PeerCred};
+use crate::util::LogLimiter;
 use crate::util::{UnixPathGuard, bind_unix_std};
 pub use collector::VsockCollector;
 pub use device::VsockBackend;
@@ -110,6 +112,9 @@ pub struct VsockDeviceConfig {
     pub guest_cid: u64,
     /// The ports served; at least one, no duplicates.
     pub ports: Vec<VsockPort>,
+    /// Who the QEMU connecting to the socket must run as (`SO_PEERCRED`); anyone else is
+    /// closed before the device serves it.
+    pub peer: PeerCred,
 }
 
 /// Why a vsock device could not start.
@@ -289,6 +294,9 @@ pub fn spawn(
         backend: backend.clone(),
         counters: counters.clone(),
         ctl: ctl.clone(),
+        path: path.clone(),
+        peer: cfg.peer,
+        refusals: LogLimiter::new(5, Duration::from_secs(10)),
     };
     let serve = {
         let done = done.clone();
@@ -393,6 +401,12 @@ struct Server {
     backend: Backend,
     counters: Arc<VsockCounters>,
     ctl: Arc<StopControl>,
+    /// The vhost-user socket, to find the accepted connection by.
+    path: PathBuf,
+    /// Who QEMU must run as.
+    peer: PeerCred,
+    /// Rate limit of the refusal log line.
+    refusals: LogLimiter,
 }
 
 impl Server {
@@ -433,6 +447,29 @@ impl Server {
         debug!(device = &*self.name, "vsock device stopped");
     }
 
+    /// Whether the process behind the connection just accepted runs as `peer-uid`/`peer-gid`;
+    /// if not, counted and logged (rate-limited).
+    fn admitted(&mut self) -> bool {
+        let verdict = peer::accepted_peer(&self.path).and_then(|(uid, gid)| {
+            self.peer
+                .check(uid, gid)
+                .map_err(|why| io::Error::new(io::ErrorKind::PermissionDenied, why))
+        });
+        let Err(e) = verdict else {
+            return true;
+        };
+        self.counters.frontend_refused();
+        if let Some(suppressed) = self.refusals.allow(std::time::Instant::now()) {
+            warn!(
+                device = &*self.name,
+                suppressed,
+                reason = "peer_cred",
+                "refusing QEMU: {e}"
+            );
+        }
+        false
+    }
+
     /// Accepts one QEMU and serves it until it disconnects or awd stops.
     fn serve_one(&mut self) {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
@@ -462,17 +499,28 @@ impl Server {
                 }
             }
         }
+        let checked = !self.peer.is_any();
+        if checked {
+            self.backend().hold();
+        }
         if let Err(e) = daemon.start(&mut self.listener) {
             warn!(device = &*self.name, "accepting QEMU failed: {e}");
+            self.backend().frontend_gone(CloseReason::FrontendGone);
             return;
         }
-        self.counters.frontend();
-        info!(device = &*self.name, "QEMU connected");
-        // A new QEMU is a new VM, whatever the last one's watchdogs knew.
-        self.backend().started_over("a new QEMU connected");
+        let refused = checked && !self.admitted();
+        if !refused {
+            self.counters.frontend();
+            info!(device = &*self.name, "QEMU connected");
+            // A new QEMU is a new VM, whatever the last one's watchdogs knew.
+            self.backend().started_over("a new QEMU connected");
+            if checked {
+                self.backend().admit();
+            }
+        }
         {
             let mut handle = self.ctl.handle.lock().unwrap_or_else(|e| e.into_inner());
-            if self.ctl.stopping() {
+            if self.ctl.stopping() || refused {
                 daemon.request_shutdown();
             } else {
                 *handle = daemon.shutdown_handle();
@@ -571,6 +619,7 @@ mod tests {
                     },
                 })
                 .collect(),
+            peer: PeerCred::default(),
         }
     }
 

@@ -72,6 +72,7 @@ impl std::fmt::Display for Malformed {
 #[derive(Debug, Default)]
 pub struct VsockCounters {
     frontends: AtomicU64,
+    frontends_refused: AtomicU64,
     connections_opened: AtomicU64,
     connections_open: AtomicU64,
     connections_refused: AtomicU64,
@@ -91,6 +92,9 @@ pub struct VsockCounters {
 pub struct VsockStats {
     /// QEMU frontends served so far (each connect of QEMU to the socket).
     pub frontends: u64,
+    /// QEMU connections closed at once because the process on the other end did not have
+    /// the `peer-uid=`/`peer-gid=` the device asks for (`SO_PEERCRED`).
+    pub frontends_refused: u64,
     /// Guest connections accepted, ever.
     pub connections_opened: u64,
     /// Guest connections open now.
@@ -140,6 +144,7 @@ impl VsockCounters {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         VsockStats {
             frontends: g(&self.frontends),
+            frontends_refused: g(&self.frontends_refused),
             connections_opened: g(&self.connections_opened),
             connections_open: g(&self.connections_open),
             connections_refused: g(&self.connections_refused),
@@ -157,6 +162,10 @@ impl VsockCounters {
 
     pub(crate) fn frontend(&self) {
         inc(&self.frontends);
+    }
+
+    pub(crate) fn frontend_refused(&self) {
+        inc(&self.frontends_refused);
     }
 
     pub(crate) fn opened(&self) {

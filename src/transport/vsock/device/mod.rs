@@ -87,6 +87,11 @@ pub struct VsockBackend {
     control: VecDeque<Header>,
     /// Guest memory, from the frontend's SET_MEM_TABLE; none between frontends.
     mem: Option<Mem>,
+    /// The frontend is not admitted yet (its credentials are being checked): no queue is
+    /// touched, no heartbeat delivered.
+    held: bool,
+    /// A tx kick arrived while held: the queue is read once admitted.
+    missed_tx: bool,
     /// Whether the frontend negotiated VIRTIO_RING_F_EVENT_IDX.
     event_idx: bool,
     /// The device's counters, shared with the metrics exporter.
@@ -137,6 +142,8 @@ impl VsockBackend {
             conns: Vec::with_capacity(MAX_CONNECTIONS),
             control: VecDeque::new(),
             mem: None,
+            held: false,
+            missed_tx: false,
             event_idx: false,
             counters,
             wake,
@@ -172,11 +179,26 @@ impl VsockBackend {
     /// The frontend went away (or awd is stopping): every connection is gone with it. The
     /// watchdogs hear `Disconnected`; their timers are not touched.
     pub fn frontend_gone(&mut self, reason: CloseReason) {
+        self.held = false;
+        self.missed_tx = false;
         self.reset_connections(reason);
         self.mem = None;
         self.event_idx = false;
         self.restart_check = false;
         self.flush_events();
+    }
+
+    /// Serves nothing until [`VsockBackend::admit`]: the next frontend's credentials are
+    /// checked once it is accepted, and until then its kicks are only noted.
+    pub fn hold(&mut self) {
+        self.held = true;
+    }
+
+    /// The held frontend passed its check: serve it, starting with any tx kick it sent
+    /// meanwhile (the worker is woken to read the queue).
+    pub fn admit(&mut self) {
+        self.held = false;
+        let _ = self.wake.write(1);
     }
 
     /// The VM behind the device started over: every port's watchdog hears
@@ -369,6 +391,16 @@ impl VhostUserBackendMut for VsockBackend {
         vrings: &[VringRwLock],
         _thread_id: usize,
     ) -> io::Result<()> {
+        if self.held {
+            match device_event {
+                TX_QUEUE => self.missed_tx = true,
+                WAKE_EVENT => {
+                    let _ = self.wake.read();
+                }
+                _ => {}
+            }
+            return Ok(());
+        }
         if self.restart_check {
             self.check_restart(vrings);
         }
@@ -376,6 +408,9 @@ impl VhostUserBackendMut for VsockBackend {
             TX_QUEUE => self.process_tx(vrings),
             WAKE_EVENT => {
                 let _ = self.wake.read();
+                if std::mem::take(&mut self.missed_tx) {
+                    self.process_tx(vrings);
+                }
             }
             RETRY_EVENT => self.delivery.retry_fired(),
             // RX_QUEUE: new rx buffers, used below. EVENT_QUEUE: never used.
