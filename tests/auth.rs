@@ -51,16 +51,9 @@ fn rejected(awd: &mut Awd, reason: &str) {
 /// The value of `awd_auth_rejected_total{reason}` for watchdog `w` (log lines about rejections
 /// are rate-limited; the counter is not).
 fn rejections(metrics: u16, reason: &str) -> u64 {
-    let mut s = TcpStream::connect(("127.0.0.1", metrics)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: awd\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
     let needle =
         format!("awd_auth_rejected_total{{watchdog=\"w\",channel=\"h1\",reason=\"{reason}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&needle))
-        .map_or(0, |n| n.trim().parse().unwrap())
+    series(&scrape(metrics), &needle) as u64
 }
 
 fn counted(metrics: u16, reason: &str) {

@@ -19,29 +19,6 @@ use common::netns::*;
 use common::*;
 use serde_json::Value;
 
-/// `GET /metrics` from awd's metrics endpoint; returns the body.
-fn scrape(port: u16) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(SHORT)).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
-/// The value of the series whose line starts with `series` (name and labels), or 0.
-fn series(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 fn heartbeats(awd: &Awd, wd: &str) -> u64 {
     awd.status()[wd]["heartbeats"].as_u64().unwrap_or(0)
 }

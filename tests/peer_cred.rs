@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -46,16 +44,8 @@ fn vsock_guest(run: &Path) -> Qemu {
 }
 
 /// The value of a series in awd's exposition (0 when absent).
-fn series(metrics: u16, name: &str) -> u64 {
-    let mut s = TcpStream::connect(("127.0.0.1", metrics)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: awd\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .map_or(0, |n| n.trim().parse().unwrap())
+fn value(metrics: u16, name: &str) -> u64 {
+    series(&scrape(metrics), name) as u64
 }
 
 #[test]
@@ -78,11 +68,11 @@ fn a_qemu_running_as_another_user_is_refused_by_the_vsock_device() {
     // QEMU cannot set its device up and exits; nothing of it reached a watchdog.
     assert!(!vm.wait_exit(SHORT).success());
     let deadline = Instant::now() + SHORT;
-    while series(metrics, "awd_vsock_frontends_refused_total{") != 1 {
+    while value(metrics, "awd_vsock_frontends_refused_total{") != 1 {
         assert!(Instant::now() < deadline, "the refusal was not counted");
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(series(metrics, "awd_vsock_frontends_total{"), 0);
+    assert_eq!(value(metrics, "awd_vsock_frontends_total{"), 0);
     assert!(
         awd.records(|v| v["message"] == "QEMU connected").is_empty(),
         "the refused QEMU was served"
@@ -106,7 +96,7 @@ fn the_qemu_the_vsock_device_wants_is_served_and_supervised() {
     });
     vm.run("sleep 3", SHORT);
     assert_eq!(expiries(&awd, "vm1"), 0, "the admitted guest's beats count");
-    assert_eq!(series(metrics, "awd_vsock_frontends_refused_total{"), 0);
+    assert_eq!(value(metrics, "awd_vsock_frontends_refused_total{"), 0);
     vm.run("killall awd-agent", SHORT);
     awd.wait_msg("watchdog expired", Some("vm1"), SHORT);
     vm.wait_trace(r#"req: {"execute": "quit", "arguments": {}, "id""#, SHORT);

@@ -481,20 +481,6 @@ fn lines_of_64_kib_all_arrive_and_the_stream_never_wedges() {
     assert_eq!(expiries(&awd, "vm1"), 0);
 }
 
-fn scrape(port: u16) -> String {
-    use std::io::{Read, Write};
-    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    c.set_read_timeout(Some(SHORT)).unwrap();
-    write!(
-        c,
-        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut resp = String::new();
-    c.read_to_string(&mut resp).unwrap();
-    resp
-}
-
 /// The value of one series in a scrape.
 fn metric(body: &str, series: &str) -> Option<f64> {
     body.lines()

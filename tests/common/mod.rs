@@ -615,6 +615,30 @@ pub fn qmp_json(path: &Path, command: &Value) -> Value {
     }
 }
 
+/// `GET /metrics` from awd's metrics endpoint on 127.0.0.1:`port`; returns the response.
+pub fn scrape(port: u16) -> String {
+    use std::net::TcpStream;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(SHORT)).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The value of the series whose line starts with `series` (name and labels), or 0.
+pub fn series(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// Owned arguments from string literals.
 pub fn s(v: &[&str]) -> Vec<String> {
     v.iter().map(|x| x.to_string()).collect()

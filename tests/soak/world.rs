@@ -430,52 +430,55 @@ timeout = 600000
 
     /// Starts the virtio-serial guest on host `h` (`incoming`: a migration URI to wait on).
     fn start_serial(&self, h: Host, incoming: Option<&str>, spawned: &mut u32) -> Guest {
-        let d = self.dir_of(h);
-        let test_qmp = d.join("serial-test.sock");
-        let _ = std::fs::remove_file(&test_qmp);
-        let mut args = qemu_args_file("local-guest.args", &d);
-        args.extend(s(&[
-            "-qmp",
-            &format!("unix:{},server=on,wait=off", test_qmp.display()),
-        ]));
-        if let Some(uri) = incoming {
-            args.extend(s(&["-incoming", uri]));
-        }
-        *spawned += 1;
-        let name = format!("serial-{spawned}");
-        let qemu = Qemu::start(
-            &d,
-            QemuOpts {
-                agent: Some(agent_args("port:org.awd.heartbeat.0")),
-                args,
-                no_reboot: false,
-                ..QemuOpts::new(&name)
-            },
-        );
-        wait_path(&test_qmp);
-        Guest {
-            qemu,
-            host: h,
-            test_qmp,
-        }
+        let extra = incoming.map_or(Vec::new(), |uri| s(&["-incoming", uri]));
+        let guest = GuestKind {
+            base: "serial",
+            args_file: "local-guest.args",
+            agent_to: "port:org.awd.heartbeat.0",
+        };
+        self.start_guest(self.dir_of(h), h, &guest, extra, spawned)
     }
 
     /// Starts the vsock guest (always on host A: its device is awd A).
     fn start_vsock(&self, spawned: &mut u32) -> Guest {
-        let d = self.dir.join("a/vsock");
-        let test_qmp = d.join("vsock-test.sock");
+        let guest = GuestKind {
+            base: "vsock",
+            args_file: "vsock.args",
+            agent_to: "vsock:2:9009",
+        };
+        self.start_guest(
+            self.dir.join("a/vsock"),
+            Host::A,
+            &guest,
+            Vec::new(),
+            spawned,
+        )
+    }
+
+    /// Starts a guest in `d` (its sockets' directory) that reboots in place, with a QMP socket
+    /// of the harness's own; returns once that socket is bound.
+    fn start_guest(
+        &self,
+        d: PathBuf,
+        host: Host,
+        kind: &GuestKind,
+        extra: Vec<String>,
+        spawned: &mut u32,
+    ) -> Guest {
+        let test_qmp = d.join(format!("{}-test.sock", kind.base));
         let _ = std::fs::remove_file(&test_qmp);
-        let mut args = qemu_args_file("vsock.args", &d);
+        let mut args = qemu_args_file(kind.args_file, &d);
         args.extend(s(&[
             "-qmp",
             &format!("unix:{},server=on,wait=off", test_qmp.display()),
         ]));
+        args.extend(extra);
         *spawned += 1;
-        let name = format!("vsock-{spawned}");
+        let name = format!("{}-{spawned}", kind.base);
         let qemu = Qemu::start(
             &d,
             QemuOpts {
-                agent: Some(agent_args("vsock:2:9009")),
+                agent: Some(agent_args(kind.agent_to)),
                 args,
                 no_reboot: false,
                 ..QemuOpts::new(&name)
@@ -484,10 +487,20 @@ timeout = 600000
         wait_path(&test_qmp);
         Guest {
             qemu,
-            host: Host::A,
+            host,
             test_qmp,
         }
     }
+}
+
+/// What differs between the two guests.
+struct GuestKind {
+    /// The log name's stem.
+    base: &'static str,
+    /// Its devices, from `qemu-args/`.
+    args_file: &'static str,
+    /// The agent's `--to`.
+    agent_to: &'static str,
 }
 
 impl World {
