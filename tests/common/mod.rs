@@ -118,26 +118,35 @@ impl LineStream {
     /// waits, so events from concurrent tasks may be awaited in any order; to assert an order,
     /// compare [`LineStream::position`]s.
     pub fn wait(&mut self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+        match self.try_wait(timeout, pred) {
+            Ok(line) => line,
+            Err(RecvTimeoutError::Timeout) => {
+                panic!("timed out after {timeout:?} waiting for {what}")
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                panic!("stream ended while waiting for {what}")
+            }
+        }
+    }
+
+    /// [`LineStream::wait`] that reports a timeout or the end of the stream instead of
+    /// failing the test, for a harness that goes on and judges it later.
+    pub fn try_wait(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<String, RecvTimeoutError> {
         if let Some(i) = self.pending.iter().position(|l| pred(l)) {
-            return self.pending.remove(i).expect("index from position");
+            return Ok(self.pending.remove(i).expect("index from position"));
         }
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.rx.recv_timeout(left) {
-                Ok(line) => {
-                    if pred(&line) {
-                        return line;
-                    }
-                    self.pending.push_back(line);
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    panic!("timed out after {timeout:?} waiting for {what}")
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    panic!("stream ended while waiting for {what}")
-                }
+            let line = self.rx.recv_timeout(left)?;
+            if pred(&line) {
+                return Ok(line);
             }
+            self.pending.push_back(line);
         }
     }
 

@@ -76,6 +76,10 @@ fn soak() {
     let mut w = World::start(dir.path());
     let sick = w.wait_healthy(BOOT);
     assert!(sick.is_empty(), "never healthy at start: {sick:?}");
+    if let Some(sabotage) = Sabotage::from_env() {
+        eprintln!("soak: sabotage {sabotage:?}: this run must fail");
+        w.sabotage(sabotage);
+    }
     w.t0 = Instant::now();
     let end = Duration::from_secs_f64(cfg.minutes * 60.0);
 
@@ -159,6 +163,7 @@ fn report(
     json!({
         "seed": cfg.seed,
         "minutes": cfg.minutes,
+        "sabotage": Sabotage::from_env().map(|s| format!("{s:?}")),
         "ran_s": w.now(),
         "bound_ms": BOUND_MS,
         "timeouts_ms": {

@@ -115,6 +115,33 @@ impl Subject {
     }
 }
 
+/// A promise broken on purpose (`AWD_SOAK_SABOTAGE`), to show that the soak catches it: a run
+/// with one must fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sabotage {
+    /// `wall-clock`: the guests' watchdogs ignore the VM's run state (`follow_vm = false`), so
+    /// a paused VM trips its watchdog: false fires.
+    WallClock,
+    /// `no-grace`: the guests' grace is only their timeout, shorter than a boot: a reboot or
+    /// a new QEMU trips the watchdog: false fires.
+    NoGrace,
+    /// `slow-remote`: the remote service's timeout is a minute, so its death is noticed far
+    /// too late: missed fires.
+    SlowRemote,
+}
+
+impl Sabotage {
+    pub fn from_env() -> Option<Sabotage> {
+        match std::env::var("AWD_SOAK_SABOTAGE").ok()?.as_str() {
+            "" => None,
+            "wall-clock" => Some(Sabotage::WallClock),
+            "no-grace" => Some(Sabotage::NoGrace),
+            "slow-remote" => Some(Sabotage::SlowRemote),
+            other => panic!("AWD_SOAK_SABOTAGE={other}: wall-clock, no-grace or slow-remote"),
+        }
+    }
+}
+
 /// A guest and where it runs.
 pub struct Guest {
     pub qemu: Qemu,
@@ -191,6 +218,7 @@ impl World {
         let remote_qemu = qmp_only("remote-qemu", dir.join("a/remote-qmp.sock"));
         let layout = Layout {
             dir: dir.to_path_buf(),
+            sabotage: None,
             net: Netns::new(),
             pair_port: free_port(),
             remote_port: free_port(),
@@ -245,6 +273,19 @@ impl World {
         self.layout.write_config(h, self.variant[h as usize]);
     }
 
+    /// Breaks a promise on purpose: both configurations are rewritten with `sabotage` and
+    /// reloaded, once everything runs (a guest without grace would not even boot otherwise).
+    pub fn sabotage(&mut self, sabotage: Sabotage) {
+        self.layout.sabotage = Some(sabotage);
+        for h in [Host::A, Host::B] {
+            self.layout.write_config(h, self.variant[h as usize]);
+            let awd = self.awd_mut(h);
+            awd.log.skip_pending();
+            awd.signal(SIGHUP);
+            awd.wait_msg("reloaded", None, SHORT);
+        }
+    }
+
     /// Starts host `h`'s awd again (after it ended).
     pub fn restart_awd(&mut self, h: Host) {
         let awd = self.layout.start_awd(h, &mut self.spawned);
@@ -289,6 +330,8 @@ impl World {
 /// Where everything is: the directories, the namespaces and the ports.
 pub struct Layout {
     pub dir: PathBuf,
+    /// The promise broken on purpose, once the world runs (see [`World::sabotage`]).
+    pub sabotage: Option<Sabotage>,
     pub net: Netns,
     pub pair_port: u16,
     pub remote_port: u16,
@@ -304,7 +347,21 @@ impl Layout {
     /// replaces one watchdog and adds or removes another while every subject heartbeats.
     pub fn write_config(&self, h: Host, alt: bool) {
         let d = self.dir_of(h);
+        let sabotage = self.sabotage;
         let grace = GUEST_GRACE_MS + if alt { 1000 } else { 0 };
+        // The guests' watchdogs' extra lines: a sabotaged run breaks a promise on purpose.
+        let guest_extra = match sabotage {
+            Some(Sabotage::WallClock) => "follow_vm = false\n",
+            _ => "",
+        };
+        let (grace, guest_grace) = match sabotage {
+            Some(Sabotage::NoGrace) => (GUEST_TIMEOUT_MS, GUEST_TIMEOUT_MS),
+            _ => (grace, GUEST_GRACE_MS),
+        };
+        let remote_timeout = match sabotage {
+            Some(Sabotage::SlowRemote) => 60_000,
+            _ => REMOTE_TIMEOUT_MS,
+        };
         let mut t = format!(
             r#"# written by the soak harness (tests/soak)
 [chardev.serial-hb]
@@ -320,7 +377,7 @@ notification_node = "serial-mon"
 script = ["system_reset"]
 timeout = {GUEST_TIMEOUT_MS}
 grace = {grace}
-
+{guest_extra}
 [chardev.pair-mon]
 path = "{d}/colo-qmp.sock"
 "#,
@@ -343,8 +400,8 @@ awd_node = "vsock-hb"
 notification_node = "vsock-mon"
 script = ["system_reset"]
 timeout = {GUEST_TIMEOUT_MS}
-grace = {GUEST_GRACE_MS}
-
+grace = {guest_grace}
+{guest_extra}
 [chardev.pair]
 host = "{SERVER_ADDR}"
 port = {pair}
@@ -372,7 +429,7 @@ path = "{d}/remote-qmp.sock"
 awd_node = "remote"
 notification_node = "remote-mon"
 script = ["nbd_server_stop"]
-timeout = {REMOTE_TIMEOUT_MS}
+timeout = {remote_timeout}
 "#,
                 d = d.display(),
                 root = self.dir.display(),
