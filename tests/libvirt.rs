@@ -147,6 +147,14 @@ struct Libvirtd {
 impl Libvirtd {
     /// Starts the daemon with its state under `root`; returns once it accepts connections.
     fn start(root: &Path) -> Libvirtd {
+        Self::start_with(root, false)
+    }
+
+    /// [`Libvirtd::start`]; with `hook`, the daemon also has awd's QEMU hook
+    /// (`contrib/libvirt/hooks/qemu` as `/etc/libvirt/hooks/qemu`), `root/awd-etc` as
+    /// `/etc/awd`, and `root/systemctl` in place of `/usr/bin/systemctl` (there is no systemd
+    /// here to start units: the stand-in does what `awd@.service` would).
+    fn start_with(root: &Path, hook: bool) -> Libvirtd {
         let libvirtd = need("libvirtd", "libvirt-daemon-system");
         need("virsh", "libvirt-clients");
         let unshare = need("unshare", "util-linux");
@@ -182,6 +190,11 @@ impl Libvirtd {
                 mkdir -p "${d#*:}"
                 mount --bind "$1/${d%%:*}" "${d#*:}"
             done
+            if [ "$3" = hook ]; then
+                mkdir -p /etc/awd
+                mount --bind "$1/awd-etc" /etc/awd
+                mount --bind "$1/systemctl" /usr/bin/systemctl
+            fi
             exec "$2" --daemon --config /etc/libvirt/libvirtd.conf --pid-file "$1/libvirtd.pid"
         "#;
         let mut cmd = Command::new(unshare);
@@ -196,7 +209,16 @@ impl Libvirtd {
             "sh",
         ])
         .arg(root)
-        .arg(libvirtd);
+        .arg(libvirtd)
+        .arg(if hook { "hook" } else { "" });
+        if hook {
+            std::fs::create_dir_all(root.join("etc/hooks")).unwrap();
+            std::fs::copy(
+                repo().join("contrib/libvirt/hooks/qemu"),
+                root.join("etc/hooks/qemu"),
+            )
+            .unwrap();
+        }
         let out = run_bounded(cmd, "libvirtd --daemon", SHORT).unwrap_or_else(|e| panic!("{e}"));
         let daemon_log = std::fs::read_to_string(&log).unwrap_or_default();
         assert!(
@@ -665,5 +687,143 @@ fn libvirt_vhost_user_vsock_end_to_end() {
         "vhost-user-vsock.xml",
         "vhost-user-vsock,id=hb,path=/run/awd/vm1-vsock.sock,guest-cid=3,port=9009",
         &["--to", "vsock:2:9009", "--interval", "200"],
+    );
+}
+
+/// The stand-in for `systemctl` in the hook test's daemon: logs each call with whether the
+/// domain's QEMU runs (its pid file), and does what `awd@.service` would: `start` runs
+/// `awd run --config /etc/awd/%I.toml` and returns once awd answers on its control socket
+/// (`Type=notify`), `stop` ends it.
+const SYSTEMCTL: &str = r#"#!/bin/sh
+root=ROOT
+for unit; do :; done
+instance=$(systemd-escape --unescape --instance "$unit")
+qemu=absent
+[ -e "/run/libvirt/qemu/$instance.pid" ] && qemu=running
+echo "$* qemu=$qemu" >> "$root/systemctl.log"
+case "$1" in
+    start)
+        setsid AWD run --config "/etc/awd/$instance.toml" --control "$root/awd.control.sock" \
+            --log-format json --log awd=debug > "$root/hook-awd.log" 2>&1 < /dev/null &
+        echo $! > "$root/awd.pid"
+        i=0
+        until AWD status --control "$root/awd.control.sock" > /dev/null 2>&1; do
+            i=$((i + 1)); [ $i -lt 300 ] || exit 1; sleep 0.1
+        done ;;
+    stop) kill "$(cat "$root/awd.pid")" ;;
+esac
+"#;
+
+/// `contrib/libvirt/hooks/qemu` under the real libvirtd: awd@DOMAIN starts before the
+/// domain's QEMU (so its sockets are there when QEMU connects), supervises the domain, and
+/// stops once the domain has ended; a domain without `/etc/awd/DOMAIN.toml` is left alone.
+#[test]
+fn the_libvirt_hook_runs_awd_beside_the_domain() {
+    let dir = scratch("libvirt-hook");
+    let root = dir.path();
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let awd_dir = root.join("awd");
+    std::fs::create_dir_all(&awd_dir).unwrap();
+    std::fs::create_dir_all(root.join("awd-etc")).unwrap();
+    let name = "awd-vm1";
+    std::fs::write(
+        root.join(format!("awd-etc/{name}.toml")),
+        format!(
+            "[chardev.hb]\npath = \"{d}/vm1-hb.sock\"\nserver = true\n\n\
+             [chardev.mon]\npath = \"{d}/vm1-qmp.sock\"\n\n\
+             [watchdog.vm1]\nawd_node = \"hb\"\nnotification_node = \"mon\"\n\
+             script = [\"quit\"]\ntimeout = 3000\ngrace = 120000\n",
+            d = awd_dir.display()
+        ),
+    )
+    .unwrap();
+    let stub = root.join("systemctl");
+    std::fs::write(
+        &stub,
+        SYSTEMCTL
+            .replace("ROOT", &root.display().to_string())
+            .replace("AWD", &awd_bin().display().to_string()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&stub, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let calls = || std::fs::read_to_string(root.join("systemctl.log")).unwrap_or_default();
+    let libvirtd = Libvirtd::start_with(root, true);
+
+    let console_path = root.join("console.sock");
+    let console_listener = UnixListener::bind(&console_path).unwrap();
+    let xml = test_domain(
+        "virtio-serial.xml",
+        name,
+        &awd_dir,
+        &console_path,
+        &["--to", "port:org.awd.heartbeat.0", "--interval", "200"],
+    );
+    let xml_path = root.join(format!("{name}.xml"));
+    std::fs::write(&xml_path, &xml).unwrap();
+    libvirtd.virsh(&["create", &xml_path.display().to_string()]);
+    let _console = Console::accept(&console_listener, root.join("console.log"));
+    let awd_pid: i32 = std::fs::read_to_string(root.join("awd.pid"))
+        .expect("the hook started awd")
+        .trim()
+        .parse()
+        .unwrap();
+    let first = calls();
+    assert_eq!(
+        first.lines().next(),
+        Some(r"start awd@awd\x2dvm1.service qemu=absent"),
+        "awd@DOMAIN starts before QEMU does:\n{first}"
+    );
+
+    // The hook's awd supervises the domain: the guest's heartbeats reach it.
+    let control = root.join("awd.control.sock").display().to_string();
+    let deadline = Instant::now() + BOOT;
+    loop {
+        let (st, out, _) = awd_oneshot(&["status", "--json", "--control", &control]);
+        let beats = serde_json::from_str::<Vec<serde_json::Value>>(&out)
+            .ok()
+            .and_then(|l| l.first().and_then(|w| w["heartbeats"].as_u64()))
+            .unwrap_or(0);
+        if st.success() && beats > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no heartbeat reached the hook's awd"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // The domain ends: the hook stops awd.
+    libvirtd.virsh(&["destroy", name]);
+    assert!(
+        wait_gone(awd_pid, SHORT),
+        "awd@DOMAIN stopped after the domain ended:\n{}",
+        calls()
+    );
+    let all = calls();
+    let lines: Vec<&str> = all.lines().collect();
+    assert_eq!(lines.len(), 2, "one start, one stop:\n{all}");
+    assert_eq!(
+        lines[1], r"stop --no-block awd@awd\x2dvm1.service qemu=absent",
+        "{all}"
+    );
+    let log = std::fs::read_to_string(root.join("hook-awd.log")).unwrap_or_default();
+    assert!(
+        !log.contains("watchdog expired"),
+        "the hook's awd did not fire at a domain that was destroyed:\n{log}"
+    );
+
+    // A domain without an awd configuration: the hook does nothing (a direct call, with a
+    // name no host has a configuration for).
+    let out = Command::new(repo().join("contrib/libvirt/hooks/qemu"))
+        .args(["awd-test-no-such-domain", "prepare", "begin", "-"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        calls(),
+        all,
+        "no systemctl call for a domain without a config"
     );
 }
