@@ -189,6 +189,7 @@ fn report(
             "expiries_logged": {"a": expired_a, "b": expired_b},
             "actions_unknown": {"a": unknown_a, "b": unknown_b},
             "actions_failed": {"a": failed_a, "b": failed_b},
+            "events": w.awd_events(),
         },
     })
 }

@@ -167,6 +167,8 @@ pub struct World {
     pub remote_agent: Option<Child>,
     /// QEMUs that ended (killed, migrated away): their traces are still witnesses.
     pub retired: Vec<(Subject, Qemu)>,
+    /// awd processes that ended (restarted, killed): their logs still count.
+    pub retired_awds: Vec<(Host, Awd)>,
     /// Processes started so far, for unique log names.
     spawned: u32,
 }
@@ -246,6 +248,7 @@ impl World {
             remote_qemu,
             remote_agent: None,
             retired: Vec::new(),
+            retired_awds: Vec::new(),
             spawned,
         };
         w.start_remote_agent();
@@ -289,7 +292,8 @@ impl World {
     /// Starts host `h`'s awd again (after it ended).
     pub fn restart_awd(&mut self, h: Host) {
         let awd = self.layout.start_awd(h, &mut self.spawned);
-        *self.awd_mut(h) = awd;
+        let old = std::mem::replace(self.awd_mut(h), awd);
+        self.retired_awds.push((h, old));
     }
 
     /// Starts the serial guest on `h`, waiting for a migration when `incoming` is given.
@@ -663,17 +667,53 @@ impl World {
         out
     }
 
-    /// Counts of awd's own records over the run, by (host, message), for the report.
+    /// Every awd process of the run, with its host: the running ones and those that ended.
+    fn all_awds(&self) -> impl Iterator<Item = (Host, &Awd)> {
+        [(Host::A, &self.awd_a), (Host::B, &self.awd_b)]
+            .into_iter()
+            .chain(self.retired_awds.iter().map(|(h, a)| (*h, a)))
+    }
+
+    /// Counts of awd's own records over the run whose message starts with `message`, by host
+    /// (every awd process of that host, the ended ones too).
     pub fn awd_counts(&self, message: &str) -> [usize; 2] {
-        [Host::A, Host::B].map(|h| {
-            self.awd(h)
+        let mut n = [0, 0];
+        for (h, awd) in self.all_awds() {
+            n[h as usize] += awd
                 .records(|v| {
                     v["message"]
                         .as_str()
                         .is_some_and(|m| m.starts_with(message))
                 })
-                .len()
-        })
+                .len();
+        }
+        n
+    }
+
+    /// awd's own account of every expiry and action outcome other than an answer, in soak
+    /// seconds, for the report: what awd decided, beside what QEMU witnessed.
+    pub fn awd_events(&self) -> Vec<serde_json::Value> {
+        const KEPT: [&str; 3] = ["watchdog expired", "action fate unknown", "action failed"];
+        let mut out = Vec::new();
+        for (h, awd) in self.all_awds() {
+            for (t, line) in awd.log.all_timed() {
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                let Some(m) = v["message"].as_str() else {
+                    continue;
+                };
+                if KEPT.iter().any(|k| m.starts_with(k)) {
+                    out.push(serde_json::json!({
+                        "host": format!("{h:?}"), "at": self.at(t), "watchdog": v["watchdog"],
+                        "message": m, "reason": v["reason"],
+                    }));
+                }
+            }
+        }
+        let at = |v: &serde_json::Value| v["at"].as_f64().unwrap_or(0.0);
+        out.sort_by(|a, b| at(a).total_cmp(&at(b)));
+        out
     }
 }
 
