@@ -316,7 +316,14 @@ impl Runner {
         match (m.peer_pid(), &self.chardev.endpoint) {
             (Some(pid), _) => {
                 if self.last_pid != Some(pid) {
-                    if self.last_pid.is_some() {
+                    // The first pid too when the node was unreachable before: a job queued
+                    // meanwhile was decided without a QEMU to ask (no run state), and the one
+                    // that now appears may be a VM that has only just started, or one
+                    // arriving by migration. Its watchdogs re-enter their grace below, and an
+                    // expiry decided before a VM started over is not run on it. (A first
+                    // connection with no failed attempt before is awd starting up: a job
+                    // queued in that instant runs.)
+                    if self.last_pid.is_some() || self.failures > 0 {
                         self.new_process();
                     }
                     self.started_over(&format!("new QEMU process behind the monitor (pid {pid})"));
@@ -334,8 +341,8 @@ impl Runner {
         }
     }
 
-    /// A QEMU process replaced the one seen before: jobs queued for the old one are not run
-    /// on it. (Jobs queued before any process was seen run on the first one.)
+    /// A QEMU process is behind the node that was not before (it replaced another, or it is
+    /// the first seen after the node was unreachable): jobs queued before are not run on it.
     fn new_process(&self) {
         self.process.fetch_add(1, Ordering::SeqCst);
     }
@@ -730,6 +737,59 @@ for line in f:
             next(&mut out).await.as_deref(),
             Some("info status"),
             "the reset never reached the new QEMU; the later line did"
+        );
+        stop.cancel();
+    }
+
+    /// Found by the soak: a destination host's watchdog expired while its QEMU waited for a
+    /// migration and awd could not reach the monitor yet; the job then ran on that QEMU as
+    /// soon as it could be reached, resetting the incoming VM. A job queued while no QEMU was
+    /// reachable is not run on the QEMU that then appears (its watchdogs re-enter their grace).
+    #[tokio::test]
+    async fn a_job_queued_while_no_qemu_was_reachable_is_not_run_on_the_one_that_appears() {
+        const HMP: &str = r#"
+import socket, sys
+l = socket.socket(socket.AF_UNIX)
+l.bind(sys.argv[1]); l.listen(1)
+print("listening", flush=True)
+c, _ = l.accept()
+c.sendall(b"QEMU 7.2.22 monitor - type 'help' for more information\r\n(qemu) ")
+for line in c.makefile("rb"):
+    sys.stdout.write(line.decode().strip() + "\n"); sys.stdout.flush()
+    c.sendall(line.strip() + b"\r\n(qemu) ")
+"#;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hmp");
+        let (handle, mut reports, stop) = runner_at(&path);
+        // Nothing listens yet: the job is queued and its first attempt fails.
+        handle.submit(job("w", "system_reset"));
+        let mut qemu = tokio::process::Command::new("python3")
+            .args(["-c", HMP])
+            .arg(&path)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("python3 runs");
+        let mut out = BufReader::new(qemu.stdout.take().unwrap()).lines();
+        let next = async |out: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>| {
+            tokio::time::timeout(Duration::from_secs(10), out.next_line())
+                .await
+                .expect("the fake QEMU said something")
+                .unwrap()
+        };
+        assert_eq!(next(&mut out).await.as_deref(), Some("listening"));
+        let r = report(&mut reports).await;
+        assert!(
+            matches!(&r.result, Err(DeliveryError::NotSent(why)) if why.contains("abandoned")),
+            "{r:?}"
+        );
+        handle.submit(job("w", "info status"));
+        let r = report(&mut reports).await;
+        assert!(matches!(r.result, Ok(Outcome::Ok(_))), "{r:?}");
+        assert_eq!(
+            next(&mut out).await.as_deref(),
+            Some("info status"),
+            "the reset never reached the QEMU that appeared; the later line did"
         );
         stop.cancel();
     }
