@@ -667,13 +667,19 @@ mod tests {
         stop.cancel();
     }
 
-    /// A job queued while one QEMU was behind the node is not run on the QEMU that replaced
-    /// it (a new peer pid on the Unix socket); a job queued after the replacement is. The two
-    /// "QEMUs" are separate processes (python3) serving the HMP greeting, so their pids differ.
-    #[tokio::test]
-    async fn a_job_meant_for_a_qemu_that_has_gone_is_not_run_on_its_successor() {
+    /// A fake QEMU in its own process (python3, so its pid differs from ours) serving the HMP
+    /// greeting on `path` and echoing every line it gets to its stdout; with `mode` "die" it
+    /// exits right after the greeting. Returns the child and its stdout lines ("listening"
+    /// first).
+    fn fake_hmp_qemu(
+        path: &std::path::Path,
+        mode: &str,
+    ) -> (
+        tokio::process::Child,
+        tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    ) {
         const HMP: &str = r#"
-import os, socket, sys
+import socket, sys
 path, mode = sys.argv[1], sys.argv[2]
 l = socket.socket(socket.AF_UNIX)
 l.bind(path); l.listen(1)
@@ -682,34 +688,42 @@ c, _ = l.accept()
 c.sendall(b"QEMU 7.2.22 monitor - type 'help' for more information\r\n(qemu) ")
 if mode == "die":
     sys.exit(0)
-f = c.makefile("rb")
-for line in f:
+for line in c.makefile("rb"):
     sys.stdout.write(line.decode().strip() + "\n"); sys.stdout.flush()
     c.sendall(line.strip() + b"\r\n(qemu) ")
 "#;
+        let _ = std::fs::remove_file(path);
+        let mut child = tokio::process::Command::new("python3")
+            .args(["-c", HMP])
+            .arg(path)
+            .arg(mode)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("python3 runs");
+        let out = BufReader::new(child.stdout.take().expect("piped")).lines();
+        (child, out)
+    }
+
+    /// The fake QEMU's next stdout line (bounded).
+    async fn next_line(
+        out: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    ) -> Option<String> {
+        tokio::time::timeout(Duration::from_secs(10), out.next_line())
+            .await
+            .expect("the fake QEMU said something")
+            .unwrap()
+    }
+
+    /// A job queued while one QEMU was behind the node is not run on the QEMU that replaced
+    /// it (a new peer pid on the Unix socket); a job queued after the replacement is. The two
+    /// "QEMUs" are separate processes (python3) serving the HMP greeting, so their pids differ.
+    #[tokio::test]
+    async fn a_job_meant_for_a_qemu_that_has_gone_is_not_run_on_its_successor() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hmp");
-        let spawn = |mode: &str| {
-            let _ = std::fs::remove_file(&path);
-            let mut child = tokio::process::Command::new("python3")
-                .args(["-c", HMP])
-                .arg(&path)
-                .arg(mode)
-                .stdout(std::process::Stdio::piped())
-                .kill_on_drop(true)
-                .spawn()
-                .expect("python3 runs");
-            let out = BufReader::new(child.stdout.take().unwrap()).lines();
-            (child, out)
-        };
-        let next = async |out: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>| {
-            tokio::time::timeout(Duration::from_secs(10), out.next_line())
-                .await
-                .expect("the fake QEMU said something")
-                .unwrap()
-        };
-        let (mut first, mut out) = spawn("die");
-        assert_eq!(next(&mut out).await.as_deref(), Some("listening"));
+        let (mut first, mut out) = fake_hmp_qemu(&path, "die");
+        assert_eq!(next_line(&mut out).await.as_deref(), Some("listening"));
         let (handle, mut reports, stop) = runner_at(&path);
         let mut vm = handle.vm_state();
         tokio::time::timeout(Duration::from_secs(10), vm.wait_for(|s| s.starts == 1))
@@ -722,8 +736,8 @@ for line in f:
             .await
             .unwrap()
             .unwrap();
-        let (_second, mut out) = spawn("serve");
-        assert_eq!(next(&mut out).await.as_deref(), Some("listening"));
+        let (_second, mut out) = fake_hmp_qemu(&path, "serve");
+        assert_eq!(next_line(&mut out).await.as_deref(), Some("listening"));
         handle.submit(job("w", "system_reset"));
         let r = report(&mut reports).await;
         assert!(
@@ -734,7 +748,7 @@ for line in f:
         let r = report(&mut reports).await;
         assert!(matches!(r.result, Ok(Outcome::Ok(_))), "{r:?}");
         assert_eq!(
-            next(&mut out).await.as_deref(),
+            next_line(&mut out).await.as_deref(),
             Some("info status"),
             "the reset never reached the new QEMU; the later line did"
         );
@@ -747,37 +761,13 @@ for line in f:
     /// reachable is not run on the QEMU that then appears (its watchdogs re-enter their grace).
     #[tokio::test]
     async fn a_job_queued_while_no_qemu_was_reachable_is_not_run_on_the_one_that_appears() {
-        const HMP: &str = r#"
-import socket, sys
-l = socket.socket(socket.AF_UNIX)
-l.bind(sys.argv[1]); l.listen(1)
-print("listening", flush=True)
-c, _ = l.accept()
-c.sendall(b"QEMU 7.2.22 monitor - type 'help' for more information\r\n(qemu) ")
-for line in c.makefile("rb"):
-    sys.stdout.write(line.decode().strip() + "\n"); sys.stdout.flush()
-    c.sendall(line.strip() + b"\r\n(qemu) ")
-"#;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hmp");
         let (handle, mut reports, stop) = runner_at(&path);
         // Nothing listens yet: the job is queued and its first attempt fails.
         handle.submit(job("w", "system_reset"));
-        let mut qemu = tokio::process::Command::new("python3")
-            .args(["-c", HMP])
-            .arg(&path)
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("python3 runs");
-        let mut out = BufReader::new(qemu.stdout.take().unwrap()).lines();
-        let next = async |out: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>| {
-            tokio::time::timeout(Duration::from_secs(10), out.next_line())
-                .await
-                .expect("the fake QEMU said something")
-                .unwrap()
-        };
-        assert_eq!(next(&mut out).await.as_deref(), Some("listening"));
+        let (_qemu, mut out) = fake_hmp_qemu(&path, "serve");
+        assert_eq!(next_line(&mut out).await.as_deref(), Some("listening"));
         let r = report(&mut reports).await;
         assert!(
             matches!(&r.result, Err(DeliveryError::NotSent(why)) if why.contains("abandoned")),
@@ -787,7 +777,7 @@ for line in c.makefile("rb"):
         let r = report(&mut reports).await;
         assert!(matches!(r.result, Ok(Outcome::Ok(_))), "{r:?}");
         assert_eq!(
-            next(&mut out).await.as_deref(),
+            next_line(&mut out).await.as_deref(),
             Some("info status"),
             "the reset never reached the QEMU that appeared; the later line did"
         );
