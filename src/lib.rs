@@ -24,7 +24,7 @@
 //! | [`agent`] | the guest agent behind the `awd-agent` binary | protocol, auth |
 //! | `metrics` | the Prometheus registry and per-watchdog counters; subsystems add their own collectors | engine, protocol, auth |
 //! | `transport` | heartbeat channels: TCP/Unix sockets (server or client with reconnect, optionally authenticated), and awd's own vhost-user vsock device | metrics, protocol, auth |
-//! | `action` | what runs on expiry: typed QMP through `qapi`, HMP lines, raw notification lines | transport (endpoints), metrics |
+//! | `action` | what runs on expiry: typed QMP through `qapi`, HMP lines, raw notification lines, exec commands | transport (endpoints), metrics |
 //! | `config` | one validated model from the seed's `-chardev`/`-object` syntax or TOML | engine, auth, transport, action |
 //! | `control` | the control socket behind `awd status`, `enable`, `disable`, `condition` | none |
 //! | `daemon` | wiring: one task per watchdog, transports feeding it, action runners behind it | all of the above |

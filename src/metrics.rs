@@ -74,6 +74,10 @@ pub struct ActionLabels {
 /// The results an action line is counted under (`awd_actions_total{result=…}`).
 pub const ACTION_RESULTS: [&str; 4] = ["sent", "written", "unknown", "failed"];
 
+/// The results an exec run is counted under (`awd_exec_total{result=…}`): exit 0, another
+/// exit, killed at its timeout, could not start. `action::exec::ExecResult` is in this order.
+pub const EXEC_RESULTS: [&str; 4] = ["success", "failed", "timeout", "error"];
+
 /// Labels of per-notification-node series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NodeLabels {
@@ -89,6 +93,7 @@ pub struct Metrics {
     rejected: Family<RejectLabels, Counter>,
     expiries: Family<WatchdogLabels, Counter>,
     actions: Family<ActionLabels, Counter>,
+    exec: Family<ActionLabels, Counter>,
     action_backlog: Family<NodeLabels, Gauge>,
     status: Family<WatchdogLabels, Gauge>,
     connections: Family<WatchdogLabels, Gauge>,
@@ -172,6 +177,7 @@ impl Metrics {
             rejected: Family::default(),
             expiries: Family::default(),
             actions: Family::default(),
+            exec: Family::default(),
             action_backlog: Family::default(),
             status: Family::default(),
             connections: Family::default(),
@@ -204,6 +210,11 @@ impl Metrics {
             "actions",
             "Script lines, by result: sent (answered), written (raw node), unknown (no answer), failed (not sent)",
             m.actions.clone(),
+        );
+        registry.register(
+            "exec",
+            "Runs of a watchdog's exec command, by result: success (exit 0), failed (other exit), timeout (killed), error (could not start)",
+            m.exec.clone(),
         );
         registry.register(
             "action_backlog",
@@ -289,6 +300,14 @@ impl Metrics {
                 })
                 .clone()
         };
+        let exec = EXEC_RESULTS.map(|r| {
+            self.exec
+                .get_or_create(&ActionLabels {
+                    watchdog: watchdog.into(),
+                    result: r.into(),
+                })
+                .clone()
+        });
         let conn = |family: &Family<ConnectionLabels, Counter>, reason: &str| {
             family
                 .get_or_create(&ConnectionLabels {
@@ -309,6 +328,7 @@ impl Metrics {
             actions_written: action("written"),
             actions_unknown: action("unknown"),
             actions_failed: action("failed"),
+            exec,
             status: self.status.get_or_create(&l).clone(),
             connections: self.connections.get_or_create(&l).clone(),
             pulses: self.pulses.get_or_create(&l).clone(),
@@ -370,6 +390,12 @@ impl Metrics {
         }
         for result in ACTION_RESULTS {
             self.actions.remove(&ActionLabels {
+                watchdog: watchdog.into(),
+                result: result.into(),
+            });
+        }
+        for result in EXEC_RESULTS {
+            self.exec.remove(&ActionLabels {
                 watchdog: watchdog.into(),
                 result: result.into(),
             });
@@ -439,6 +465,8 @@ pub struct WatchdogMetrics {
     pub actions_unknown: Counter,
     /// Script lines that could not be sent.
     pub actions_failed: Counter,
+    /// Runs of the exec command, indexed like [`EXEC_RESULTS`].
+    pub exec: [Counter; 4],
     /// Global status gauge.
     pub status: Gauge,
     /// Open connections.
@@ -469,6 +497,21 @@ impl WatchdogMetrics {
     /// Counts one input the engine refused.
     pub fn refused_input(&self, r: RefusalReason) {
         self.refused_inputs[r.index()].inc();
+    }
+
+    /// Counts one exec run under its result, a name from [`EXEC_RESULTS`].
+    pub fn exec_ran(&self, result: &str) {
+        if let Some(i) = EXEC_RESULTS.iter().position(|r| *r == result) {
+            self.exec[i].inc();
+        }
+    }
+
+    /// The count of exec runs with one result.
+    pub fn exec_count(&self, result: &str) -> u64 {
+        EXEC_RESULTS
+            .iter()
+            .position(|r| *r == result)
+            .map_or(0, |i| self.exec[i].get())
     }
 
     /// The count of refused inputs for one reason.

@@ -19,7 +19,11 @@
 //! connection (`query-status` at connect, then STOP, RESUME, SHUTDOWN and MIGRATION events) and
 //! publishes it, with a count of the times the VM started over ([`VmState`]), for the watchdogs
 //! that use the node.
+//!
+//! A watchdog may also name a command to run ([`exec`]), for recovery that another system owns
+//! (a cluster manager); it runs beside the script, not through a node.
 
+pub mod exec;
 pub mod limits;
 pub mod monitor;
 pub mod qmp;

@@ -9,6 +9,7 @@ use super::{
     Chardev, Config, ConfigError, EscalationStep, RawChardev, RawConfig, RawObject, RawWatchdog,
     Role, WatchdogConfig, supervision,
 };
+use crate::action::exec::ExecCommand;
 use crate::action::script::Script;
 use crate::auth::Key;
 use crate::engine::{EngineSpec, VM_RUNNING};
@@ -544,6 +545,19 @@ fn build_watchdog(
     if follow_vm {
         link_vm_running(&mut engine);
     }
+    let exec_cmd = |origin: &str, argv: &Option<Vec<String>>| {
+        argv.as_ref()
+            .map(|argv| ExecCommand::new(argv.clone(), w.exec_timeout))
+            .transpose()
+            .map_err(|e| ConfigError::invalid(origin, e.to_string()))
+    };
+    let exec = exec_cmd(&o, &w.exec)?;
+    if w.exec_timeout.is_some() && exec.is_none() && w.escalate.iter().all(|s| s.exec.is_none()) {
+        return Err(ConfigError::invalid(
+            &o,
+            "exec_timeout= without an exec command (exec = [\"program\", …])",
+        ));
+    }
     let mut escalation = Vec::new();
     for (i, step) in w.escalate.iter().enumerate() {
         let origin = format!("{o}: escalate[{i}]");
@@ -554,8 +568,12 @@ fn build_watchdog(
             step.script.as_ref(),
             base_dir,
         )?;
-        if script.is_empty() {
-            return Err(ConfigError::invalid(&origin, "a step needs a script"));
+        let step_exec = exec_cmd(&origin, &step.exec)?;
+        if script.is_empty() && step_exec.is_none() {
+            return Err(ConfigError::invalid(
+                &origin,
+                "a step needs a script or an exec command",
+            ));
         }
         let after = ms(step.after);
         if step.after == 0
@@ -571,7 +589,11 @@ fn build_watchdog(
                 ),
             ));
         }
-        escalation.push(EscalationStep { after, script });
+        escalation.push(EscalationStep {
+            after,
+            script,
+            exec: step_exec,
+        });
     }
     let stopped_script = match &w.stopped_script {
         Some(lines) => {
@@ -585,7 +607,8 @@ fn build_watchdog(
         }
         None => Script::default(),
     };
-    if (!escalation.is_empty() || !stopped_script.is_empty()) && w.notification_node.is_none() {
+    let scripted_steps = escalation.iter().any(|s| !s.script.is_empty());
+    if (scripted_steps || !stopped_script.is_empty()) && w.notification_node.is_none() {
         return Err(ConfigError::invalid(
             &o,
             "escalation steps need a notification_node= to send them to",
@@ -602,6 +625,7 @@ fn build_watchdog(
         engine,
         escalation,
         stopped_script,
+        exec,
         follow_vm,
     })
 }
@@ -857,6 +881,38 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("needs expired_tolerance"), "{err}");
+    }
+
+    #[test]
+    fn an_exec_action_needs_no_notification_node_and_a_step_may_only_exec() {
+        use crate::config::file::parse;
+        let text = "[chardev.d]\npath = \"/tmp/d\"\nserver = true\n[watchdog.w]\nawd_node = \"d\"\n\
+            timeout = 100\nexec = [\"/usr/sbin/crm_resource\", \"--fail\"]\nexec_timeout = 2500\n\
+            [[watchdog.w.escalate]]\nafter = 1000\nexec = [\"/bin/false\"]\n";
+        let cfg = Config::build(parse(text, Path::new("a.toml")).unwrap()).unwrap();
+        let w = &cfg.watchdogs[0];
+        let exec = w.exec.as_ref().unwrap();
+        assert_eq!(exec.argv(), ["/usr/sbin/crm_resource", "--fail"]);
+        assert_eq!(exec.timeout(), Duration::from_millis(2500));
+        assert_eq!(
+            w.escalation[0].exec.as_ref().unwrap().timeout(),
+            Duration::from_millis(2500),
+            "a step's command takes the watchdog's exec_timeout"
+        );
+        assert!(w.escalation[0].script.is_empty());
+        let shown = cfg.to_string();
+        assert!(
+            shown.contains("exec [\"/usr/sbin/crm_resource\", \"--fail\"] (timeout 2.5 s)"),
+            "{shown}"
+        );
+        let bare = text.replace("exec = [\"/bin/false\"]\n", "");
+        let err = Config::build(parse(&bare, Path::new("a.toml")).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("a step needs a script or an exec command"),
+            "{err}"
+        );
     }
 
     #[test]

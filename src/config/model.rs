@@ -6,6 +6,7 @@ use std::fmt;
 use std::time::Duration;
 
 use super::supervision;
+use crate::action::exec::ExecCommand;
 use crate::action::script::Script;
 use crate::engine::EngineSpec;
 use crate::transport::{Cidr, Endpoint, SocketChardev, VsockChardev};
@@ -16,8 +17,10 @@ use crate::transport::{Cidr, Endpoint, SocketChardev, VsockChardev};
 pub struct EscalationStep {
     /// Time from the expiry.
     pub after: Duration,
-    /// What to send.
+    /// What to send (may be empty when the step only runs a command).
     pub script: Script,
+    /// The command to run at this step, if any.
+    pub exec: Option<ExecCommand>,
 }
 
 /// A validated chardev.
@@ -101,6 +104,8 @@ pub struct WatchdogConfig {
     pub escalation: Vec<EscalationStep>,
     /// Sent when the watchdog becomes STOPPED (empty: nothing).
     pub stopped_script: Script,
+    /// Run at the expiry, beside the script (`exec =`).
+    pub exec: Option<ExecCommand>,
     /// Every supervision is linked to `vm-running`: timers stop while the VM is paused.
     pub follow_vm: bool,
 }
@@ -215,12 +220,19 @@ impl fmt::Display for Config {
                     w.script, w.script_origin
                 )?;
             }
+            if let Some(e) = &w.exec {
+                writeln!(f, "  exec              {e}")?;
+            }
             for step in &w.escalation {
+                let what = match (&step.exec, step.script.is_empty()) {
+                    (Some(e), true) => e.to_string(),
+                    (Some(e), false) => format!("{}; {e}", step.script),
+                    (None, _) => step.script.to_string(),
+                };
                 writeln!(
                     f,
-                    "  then after {} ms  {} (if still expired)",
+                    "  then after {} ms  {what} (if still expired)",
                     step.after.as_millis(),
-                    step.script
                 )?;
             }
             if !w.stopped_script.is_empty() {

@@ -127,6 +127,10 @@ pub struct RawWatchdog {
     pub escalate: Vec<RawStep>,
     /// The script run when the watchdog becomes STOPPED (TOML only; needs expired_tolerance).
     pub stopped_script: Option<Vec<String>>,
+    /// A command run on expiry, without a shell: program and arguments (TOML only).
+    pub exec: Option<Vec<String>>,
+    /// Milliseconds the exec command may run before it is killed (default 10000).
+    pub exec_timeout: Option<u64>,
     /// Where it came from, for error messages.
     #[serde(skip)]
     pub origin: String,
@@ -142,6 +146,8 @@ pub struct RawStep {
     pub script: Option<Vec<String>>,
     /// The script file.
     pub opt_script: Option<PathBuf>,
+    /// A command run at this step, as the watchdog's `exec` (and with its `exec_timeout`).
+    pub exec: Option<Vec<String>>,
 }
 
 /// What one `--object` argument describes.

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, trace, warn};
 
 use super::limits::{EVENT_QUEUE, MAX_UNANSWERED};
+use crate::action::exec::{ExecCommand, ExecContext, ExecRunner};
 use crate::action::script::Script;
 use crate::action::{Job, RunnerHandle, VmState};
 use crate::config::{EscalationStep, Role, WatchdogConfig};
@@ -154,8 +155,12 @@ pub struct WatchdogTask {
     metrics: Arc<WatchdogMetrics>,
     links: Links,
     script: Arc<Script>,
-    escalation: Vec<(Duration, Arc<Script>)>,
+    /// The command run at the expiry, beside the script.
+    exec: Option<Arc<ExecCommand>>,
+    escalation: Vec<Step>,
     stopped_script: Arc<Script>,
+    /// Runs the watchdog's commands, one at a time.
+    exec_runner: ExecRunner,
     /// When the current expiry began and how many escalation steps have run since.
     escalating: Option<(Instant, usize)>,
     pulses: Option<Interval>,
@@ -171,6 +176,31 @@ pub struct WatchdogTask {
     last_rtt: Option<Duration>,
     /// Rate limits for the log lines input causes.
     logs: InputLogs,
+}
+
+/// One escalation step, as the task runs it.
+#[derive(Debug, Clone)]
+struct Step {
+    after: Duration,
+    script: Arc<Script>,
+    exec: Option<Arc<ExecCommand>>,
+}
+
+fn steps(cfg: &WatchdogConfig) -> Vec<Step> {
+    cfg.escalation
+        .iter()
+        .map(
+            |EscalationStep {
+                 after,
+                 script,
+                 exec,
+             }| Step {
+                after: *after,
+                script: Arc::new(script.clone()),
+                exec: exec.clone().map(Arc::new),
+            },
+        )
+        .collect()
 }
 
 /// The kinds of per-input log lines, each rate-limited on its own: a peer that floods one kind
@@ -230,6 +260,7 @@ impl WatchdogTask {
         let engine = WatchdogEngine::new(&cfg.engine, now())
             .expect("Config::build validated the engine spec");
         metrics.set_status(engine.status());
+        let exec_runner = ExecRunner::new(Arc::clone(&metrics));
         let vm_open = links.vm.is_some();
         let vm_seen = VmState {
             running: None,
@@ -247,12 +278,10 @@ impl WatchdogTask {
             metrics,
             links,
             script: Arc::new(cfg.script.clone()),
-            escalation: cfg
-                .escalation
-                .iter()
-                .map(|EscalationStep { after, script }| (*after, Arc::new(script.clone())))
-                .collect(),
+            exec: cfg.exec.clone().map(Arc::new),
+            escalation: steps(cfg),
             stopped_script: Arc::new(cfg.stopped_script.clone()),
+            exec_runner,
             escalating: None,
             pulses: None,
             vm_open,
@@ -383,11 +412,8 @@ impl WatchdogTask {
         self.pulses = pulse_timer(self.role, self.pulse_interval);
         self.pulses_out.clear();
         self.script = Arc::new(cfg.script.clone());
-        self.escalation = cfg
-            .escalation
-            .iter()
-            .map(|EscalationStep { after, script }| (*after, Arc::new(script.clone())))
-            .collect();
+        self.exec = cfg.exec.clone().map(Arc::new);
+        self.escalation = steps(&cfg);
         self.stopped_script = Arc::new(cfg.stopped_script.clone());
         self.escalating = None;
         self.vm_open = links.vm.is_some();
@@ -500,23 +526,53 @@ impl WatchdogTask {
 
     fn next_step_at(&self) -> Option<Instant> {
         let (since, run) = self.escalating?;
-        self.escalation.get(run).map(|(after, _)| since + *after)
+        self.escalation.get(run).map(|step| since + step.after)
     }
 
     fn escalate(&mut self) {
         let Some((since, run)) = self.escalating else {
             return;
         };
-        let Some((after, script)) = self.escalation.get(run).cloned() else {
+        let Some(step) = self.escalation.get(run).cloned() else {
             return;
         };
         self.escalating = Some((since, run + 1));
         warn!(
             watchdog = &*self.id,
             step = run + 1,
-            after_ms = after.as_millis() as u64,
+            after_ms = step.after.as_millis() as u64,
             "still expired: escalating"
         );
+        let reason = format!(
+            "still expired {} ms after the expiry",
+            step.after.as_millis()
+        );
+        self.react(step.script, step.exec, run + 1, &reason);
+    }
+
+    /// Runs one reaction: the script through the notification node, the command beside it.
+    fn react(
+        &self,
+        script: Arc<Script>,
+        exec: Option<Arc<ExecCommand>>,
+        step: usize,
+        reason: &str,
+    ) {
+        if let Some(cmd) = exec {
+            self.exec_runner.start(
+                cmd,
+                ExecContext {
+                    watchdog: self.id.to_string(),
+                    channel: self.channel.clone(),
+                    status: self.engine.status().as_str().to_owned(),
+                    reason: reason.to_owned(),
+                    step,
+                },
+            );
+            if script.is_empty() {
+                return;
+            }
+        }
         self.submit(script);
     }
 
@@ -672,7 +728,7 @@ impl WatchdogTask {
                     .map(Instant::from_std)
                     .unwrap_or_else(Instant::now);
                 self.escalating = Some((since, 0));
-                self.submit(self.script.clone());
+                self.react(self.script.clone(), self.exec.clone(), 0, &t.reason);
             }
             GlobalStatus::Stopped => {
                 error!(watchdog = &*self.id, from = %t.from, reason = %t.reason, "watchdog stopped: expired beyond its tolerance");
@@ -801,6 +857,7 @@ mod tests {
             },
             escalation: Vec::new(),
             stopped_script: Script::default(),
+            exec: None,
             follow_vm: false,
         };
         edit(&mut cfg);
@@ -1011,6 +1068,7 @@ mod tests {
             c.escalation = vec![EscalationStep {
                 after: Duration::from_secs(4),
                 script: Script::parse("quit", "t").unwrap(),
+                exec: None,
             }];
         });
         settle().await;
@@ -1048,6 +1106,7 @@ mod tests {
             c.escalation = vec![EscalationStep {
                 after: Duration::from_secs(4),
                 script: Script::parse("system_powerdown", "t").unwrap(),
+                exec: None,
             }];
         });
         settle().await;
@@ -1234,10 +1293,12 @@ mod tests {
                 EscalationStep {
                     after: Duration::from_secs(30),
                     script: Script::parse("quit", "t").unwrap(),
+                    exec: None,
                 },
                 EscalationStep {
                     after: Duration::from_secs(60),
                     script: Script::parse("x_colo_lost_heartbeat", "t").unwrap(),
+                    exec: None,
                 },
             ];
         });
