@@ -160,7 +160,9 @@ impl Container {
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out);
-        let nspawn = cmd.spawn().expect("systemd-nspawn starts");
+        let nspawn = cmd
+            .spawn()
+            .expect("systemd-nspawn starts (package systemd-container: scripts/install-deps test)");
         let mut c = Container {
             name,
             init: 0,
