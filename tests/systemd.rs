@@ -379,6 +379,20 @@ fn awd_units_start_through_notify_reload_and_stop() {
     }
     c.write("/etc/awd/awd.toml", &tcp_watchdog("vm1", 9009, 600_000));
     c.write("/etc/awd/vm1.toml", &unix_watchdogs("vm1", 1));
+    // systemd's own lint: no unknown directive, no bad value, nothing at all to say.
+    let verify = c.exec(
+        &[
+            "systemd-analyze",
+            "verify",
+            "awd.service",
+            "awd@vm1.service",
+            "awd-agent.service",
+        ],
+        None,
+    );
+    let said = String::from_utf8_lossy(&verify.stderr).to_string()
+        + &String::from_utf8_lossy(&verify.stdout);
+    assert!(verify.status.success() && said.trim().is_empty(), "{said}");
 
     // `systemctl start` of a Type=notify unit returns once the unit sent READY=1; the status
     // text is the one awd sends with it.
