@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod netns;
+pub mod pacemaker;
 
 /// The bound for anything that involves a guest booting under TCG on a loaded machine.
 pub const BOOT: Duration = Duration::from_secs(120);
