@@ -25,6 +25,13 @@ const VM1: Resource = Resource {
 };
 const THRESHOLD: u64 = 3;
 
+/// A second VM's resource, failed through contrib/pacemaker/awd-fail-resource.
+const VM2: Resource = Resource {
+    id: "vm2",
+    agent: "ocf:pacemaker:Dummy",
+    meta: &[("migration-threshold", "3")],
+};
+
 /// The host's awd-agent sending heartbeats to `port` every 200 ms.
 fn agent(port: u16) -> Child {
     Command::new(agent_bin())
@@ -247,15 +254,18 @@ exec_timeout = 10000
 }
 
 /// A command that fails (a resource the cluster does not know) or hangs past `exec_timeout`
-/// is logged with its exit status and output and counted by result, and changes nothing in
-/// the cluster.
+/// is logged with its exit status and output, counted by result, and changes nothing in the
+/// cluster; contrib/pacemaker/awd-fail-resource, run with no argument, fails the resource named
+/// by `AWD_WATCHDOG` on this host's node (`crm_node -n`) and Pacemaker recovers that one only.
 #[test]
-fn a_failing_or_hanging_exec_is_logged_and_counted() {
+fn failing_hanging_and_wrapped_execs_against_the_cluster() {
     let dir = scratch("pacemaker-fail");
     let run = dir.path();
-    let cluster = Cluster::start(run, &[VM1]);
-    let first_start = cluster.last_start("vm1").expect("vm1 started");
-    let (typo, hang, metrics) = (free_port(), free_port(), free_port());
+    let cluster = Cluster::start(run, &[VM1, VM2]);
+    let vm1_start = cluster.last_start("vm1").expect("vm1 started");
+    let vm2_start = cluster.last_start("vm2").expect("vm2 started");
+    let wrapper = repo().join("contrib/pacemaker/awd-fail-resource");
+    let (typo, hang, wrapped, metrics) = (free_port(), free_port(), free_port(), free_port());
     // No heartbeat source at all: each watchdog expires at the end of its first timeout.
     let config = write_config(
         run,
@@ -271,6 +281,11 @@ host = "127.0.0.1"
 port = {hang}
 server = true
 
+[chardev.wrapped]
+host = "127.0.0.1"
+port = {wrapped}
+server = true
+
 [watchdog.vm-typo]
 awd_node = "typo"
 timeout = 1000
@@ -281,7 +296,13 @@ awd_node = "hang"
 timeout = 1000
 exec = ["/bin/sleep", "60"]
 exec_timeout = 500
-"#
+
+[watchdog.vm2]
+awd_node = "wrapped"
+timeout = 1000
+exec = ["{}"]
+"#,
+            wrapper.display()
         ),
     );
     let mut awd = Awd::run(
@@ -332,12 +353,118 @@ exec_timeout = 500
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    let wrapped = exec_outcome(&mut awd, "vm2");
+    assert!(
+        wrapped["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("exec done"),
+        "{wrapped}"
+    );
+    assert!(
+        wrapped["stdout"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("awd-fail-resource: failing vm2 on node1 (watchdog vm2, expired, step 0:"),
+        "the wrapper saw AWD_WATCHDOG, AWD_STATUS, AWD_STEP: {wrapped}"
+    );
+    cluster.wait_until("vm2's fail count rises", SHORT, |c| {
+        (c.failcount("vm2") >= 1).then_some(())
+    });
+    cluster.wait_until("vm2 restarted after the failure", SHORT, |c| {
+        c.last_start("vm2").filter(|&id| id > vm2_start)
+    });
 
     assert_eq!(exec_total(metrics, "vm-typo", "failed"), 1.0);
     assert_eq!(exec_total(metrics, "vm-typo", "success"), 0.0);
     assert_eq!(exec_total(metrics, "vm-hang", "timeout"), 1.0);
+    assert_eq!(exec_total(metrics, "vm2", "success"), 1.0);
     // The cluster saw no failure of vm1.
     assert_eq!(cluster.failcount("vm1"), 0);
-    assert_eq!(cluster.last_start("vm1"), Some(first_start));
+    assert_eq!(cluster.last_start("vm1"), Some(vm1_start));
     assert!(cluster.running_on("vm1"));
+}
+
+/// contrib/pacemaker loads with the commands docs/clusters.md gives (`cibadmin --create`,
+/// `crm_attribute`, here on a CIB file rather than a live cluster) into a three-node
+/// configuration that `crm_verify` finds no error in, and its awd configuration passes
+/// `awd check`.
+#[test]
+fn the_contrib_cluster_configuration_loads_and_verifies() {
+    let dir = scratch("pacemaker-contrib");
+    let cib = dir.path().join("cib.xml");
+    std::fs::write(
+        &cib,
+        r#"<cib crm_feature_set="3.16.1" validate-with="pacemaker-3.9" epoch="1" num_updates="0" admin_epoch="0">
+  <configuration>
+    <crm_config/>
+    <nodes>
+      <node id="1" uname="node1"/>
+      <node id="2" uname="node2"/>
+      <node id="3" uname="node3"/>
+    </nodes>
+    <resources/>
+    <constraints/>
+  </configuration>
+  <status/>
+</cib>
+"#,
+    )
+    .unwrap();
+    let contrib = repo().join("contrib/pacemaker");
+    let tool = |prog: &str, args: &[&str]| -> (bool, String) {
+        let out = Command::new(prog)
+            .args(args)
+            .env("CIB_file", &cib)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("{prog}: {e} (scripts/install-deps test installs it)"));
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    };
+    for file in ["vm1.xml", "fencing.xml"] {
+        let path = contrib.join(file).display().to_string();
+        let (ok, out) = tool(
+            "/usr/sbin/cibadmin",
+            &["--create", "--scope", "resources", "--xml-file", &path],
+        );
+        assert!(ok, "cibadmin --create {file}: {out}");
+    }
+    let (ok, out) = tool(
+        "/usr/sbin/crm_attribute",
+        &[
+            "--type",
+            "crm_config",
+            "--name",
+            "stonith-enabled",
+            "--update",
+            "true",
+        ],
+    );
+    assert!(ok, "crm_attribute: {out}");
+    let text = std::fs::read_to_string(&cib).unwrap();
+    for id in ["vm1", "fence-node1", "fence-node2", "fence-node3"] {
+        assert!(
+            text.contains(&format!("<primitive id=\"{id}\"")),
+            "{id} loaded"
+        );
+    }
+    // A CIB file has no status section: no node is online, so crm_verify warns (no quorum,
+    // nodes unclean). A schema or configuration error would say `error`.
+    let (_, out) = tool(
+        "/usr/sbin/crm_verify",
+        &["--xml-file", &cib.display().to_string(), "-V"],
+    );
+    assert!(
+        !out.to_lowercase().contains("error"),
+        "crm_verify found errors:\n{out}"
+    );
+    let (st, out, err) = awd_oneshot(&[
+        "check",
+        "--config",
+        &contrib.join("awd-vm1.toml").display().to_string(),
+    ]);
+    assert!(st.success(), "awd check: {out}{err}");
+    assert!(out.contains("awd-fail-resource"), "{out}");
 }
