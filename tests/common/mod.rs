@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod colo;
 pub mod netns;
 pub mod pacemaker;
 
