@@ -197,6 +197,7 @@ impl fmt::Display for Config {
             }
             match &w.notification_node {
                 Some(n) => writeln!(f, "  notification_node {n} ({})", self.chardevs[n])?,
+                None if w.exec.is_some() => writeln!(f, "  notification_node none (exec only)")?,
                 None => writeln!(f, "  notification_node none (log only)")?,
             }
             write!(f, "  timeout           {} ms", w.timeout().as_millis())?;
@@ -221,7 +222,7 @@ impl fmt::Display for Config {
                 )?;
             }
             if let Some(e) = &w.exec {
-                writeln!(f, "  exec              {e}")?;
+                writeln!(f, "  run               {e}")?;
             }
             for step in &w.escalation {
                 let what = match (&step.exec, step.script.is_empty()) {
