@@ -384,6 +384,11 @@ pub fn render_table(watchdogs: &[Value]) -> String {
             text(&w["actions_sent"]),
             text(&w["actions_unknown"]),
         ));
+        if w["stopping"].as_bool() == Some(true) {
+            out.push_str(
+                "  stopping: the peer said STOPPING=1; supervision resumes when it speaks again\n",
+            );
+        }
         if let Some(sups) = w["supervisions"].as_array() {
             for sup in sups {
                 let active = match (sup["enabled"].as_bool(), sup["active"].as_bool()) {

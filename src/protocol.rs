@@ -10,6 +10,8 @@
 //!   | `WATCHDOG=1` | heartbeat |
 //!   | `WATCHDOG=trigger` | immediate failure, without waiting for the timeout |
 //!   | `WATCHDOG_USEC=N` | set the timeout to N µs (within the configured bounds) |
+//!   | `EXTEND_TIMEOUT_USEC=N` | wait at least N µs for the next input, once (up to `timeout_max`) |
+//!   | `STOPPING=1` | a planned stop: supervision is suspended until the peer speaks again |
 //!   | `CHECKPOINT=name` | a named checkpoint (alive, deadline and logical supervision) |
 //!   | `CONDITION=name=1` / `CONDITION=name=0` | set or clear a linked condition |
 //!   | `STATUS=text` | free text, logged (text holding a line break is rejected) |
@@ -58,6 +60,11 @@ pub enum Message {
     Trigger,
     /// `WATCHDOG_USEC=N`: the peer asks for a new timeout.
     SetTimeout(Duration),
+    /// `EXTEND_TIMEOUT_USEC=N`: the peer asks for at least N µs until its next message, once
+    /// (systemd's meaning: "the service must send a new message within").
+    ExtendTimeout(Duration),
+    /// `STOPPING=1`: the peer is stopping on purpose; its silence from now on is not a failure.
+    Stopping,
     /// `CHECKPOINT=name`.
     Checkpoint(Box<str>),
     /// `CONDITION=name=1|0`.
@@ -101,6 +108,10 @@ impl Message {
             Message::Heartbeat => "WATCHDOG=1".to_owned(),
             Message::Trigger => "WATCHDOG=trigger".to_owned(),
             Message::SetTimeout(d) => format!("WATCHDOG_USEC={}", d.as_micros().max(1)),
+            Message::ExtendTimeout(d) => {
+                format!("EXTEND_TIMEOUT_USEC={}", d.as_micros().max(1))
+            }
+            Message::Stopping => "STOPPING=1".to_owned(),
             Message::Checkpoint(name) => format!("CHECKPOINT={}", checked_name(name)?),
             Message::Condition(name, value) => {
                 format!("CONDITION={}={}", checked_name(name)?, u8::from(*value))
@@ -127,6 +138,8 @@ impl Message {
             Message::Heartbeat => Some(Event::Heartbeat),
             Message::Trigger => Some(Event::Trigger),
             Message::SetTimeout(d) => Some(Event::SetTimeout(*d)),
+            Message::ExtendTimeout(d) => Some(Event::ExtendTimeout(*d)),
+            Message::Stopping => Some(Event::Stopping),
             Message::Checkpoint(c) => Some(Event::Checkpoint(c)),
             Message::Condition(name, value) => Some(Event::Condition {
                 name,
@@ -157,8 +170,8 @@ pub enum Rejection {
     FrameTooLong,
     /// A line or frame that is not UTF-8.
     InvalidUtf8,
-    /// A known key with a value that does not parse (`WATCHDOG_USEC=abc`, a bad name, status
-    /// text holding a line break).
+    /// A known key with a value that does not parse (`WATCHDOG_USEC=abc`, `STOPPING=0`, a bad
+    /// name, status text holding a line break).
     BadValue,
 }
 
@@ -337,10 +350,18 @@ pub fn parse_line(raw: &[u8]) -> Message {
         return Message::Heartbeat;
     };
     match key {
-        "WATCHDOG_USEC" => match value.parse::<u64>() {
-            Ok(usec) if usec > 0 => Message::SetTimeout(Duration::from_micros(usec)),
-            _ => Message::Rejected(Rejection::BadValue),
+        "WATCHDOG_USEC" => match positive_usec(value) {
+            Some(d) => Message::SetTimeout(d),
+            None => Message::Rejected(Rejection::BadValue),
         },
+        "EXTEND_TIMEOUT_USEC" => match positive_usec(value) {
+            Some(d) => Message::ExtendTimeout(d),
+            None => Message::Rejected(Rejection::BadValue),
+        },
+        // systemd knows only STOPPING=1; anything else is a mistake, not a plain heartbeat,
+        // since a sender that meant to stop must hear that it did not.
+        "STOPPING" if value == "1" => Message::Stopping,
+        "STOPPING" => Message::Rejected(Rejection::BadValue),
         "CHECKPOINT" if valid_name(value) => Message::Checkpoint(value.into()),
         "CONDITION" => match value.rsplit_once('=') {
             Some((name, "1")) if valid_name(name) => Message::Condition(name.into(), true),
@@ -353,6 +374,14 @@ pub fn parse_line(raw: &[u8]) -> Message {
         "STATUS" if value.contains(['\r', '\n']) => Message::Rejected(Rejection::BadValue),
         "STATUS" => Message::Status(value.into()),
         _ => Message::Heartbeat,
+    }
+}
+
+/// A positive number of microseconds, as `WATCHDOG_USEC=` and `EXTEND_TIMEOUT_USEC=` carry.
+fn positive_usec(value: &str) -> Option<Duration> {
+    match value.parse::<u64>() {
+        Ok(usec) if usec > 0 => Some(Duration::from_micros(usec)),
+        _ => None,
     }
 }
 
@@ -393,7 +422,8 @@ mod tests {
     #[test]
     fn lines_of_the_notify_protocol() {
         let input = b"WATCHDOG=1\nWATCHDOG=trigger\nWATCHDOG_USEC=2500000\nCHECKPOINT=init\n\
-            CONDITION=ready=1\nCONDITION=ready=0\nSTATUS=all good\nhello\n\nX=Y\r\n";
+            CONDITION=ready=1\nCONDITION=ready=0\nSTATUS=all good\nhello\n\nX=Y\r\n\
+            STOPPING=1\nEXTEND_TIMEOUT_USEC=90000000\n";
         assert_eq!(
             decode_chunks(&[input]),
             vec![
@@ -407,6 +437,8 @@ mod tests {
                 Owned::Heartbeat,
                 Owned::Heartbeat,
                 Owned::Heartbeat,
+                Owned::Stopping,
+                Owned::ExtendTimeout(Duration::from_secs(90)),
             ]
         );
     }
@@ -414,10 +446,12 @@ mod tests {
     #[test]
     fn bad_values_are_rejected() {
         let input =
-            b"WATCHDOG_USEC=abc\nWATCHDOG_USEC=0\nCHECKPOINT=\nCHECKPOINT=a b\nCONDITION=x\n";
+            b"WATCHDOG_USEC=abc\nWATCHDOG_USEC=0\nCHECKPOINT=\nCHECKPOINT=a b\nCONDITION=x\n\
+            STOPPING=0\nSTOPPING=yes\nEXTEND_TIMEOUT_USEC=0\nEXTEND_TIMEOUT_USEC=-5\n\
+            EXTEND_TIMEOUT_USEC=99999999999999999999\n";
         assert_eq!(
             decode_chunks(&[input]),
-            vec![Owned::Rejected(Rejection::BadValue); 5]
+            vec![Owned::Rejected(Rejection::BadValue); 10]
         );
     }
 
@@ -525,6 +559,8 @@ mod tests {
             Just(Message::Pulse),
             Just(Message::PulseReply),
             (1u64..).prop_map(|us| Message::SetTimeout(Duration::from_micros(us))),
+            (1u64..).prop_map(|us| Message::ExtendTimeout(Duration::from_micros(us))),
+            Just(Message::Stopping),
             name.prop_map(|n| Message::Checkpoint(n.into())),
             (name, any::<bool>()).prop_map(|(n, v)| Message::Condition(n.into(), v)),
             "[^\r\n]{0,300}".prop_map(|t| Message::Status(t.into())),
@@ -570,6 +606,11 @@ mod tests {
                 value: true,
                 by: Setter::Guest
             })
+        );
+        assert_eq!(Message::Stopping.event(), Some(Event::Stopping));
+        assert_eq!(
+            Message::ExtendTimeout(Duration::from_secs(3)).event(),
+            Some(Event::ExtendTimeout(Duration::from_secs(3)))
         );
         assert_eq!(Message::Status("x".into()).event(), None);
         assert_eq!(Message::Pulse.event(), None);

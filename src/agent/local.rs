@@ -29,8 +29,10 @@ pub enum Refusal {
     NameInvalid,
     /// `CONDITION=` not of the form `name=1` or `name=0` with a valid name.
     ConditionInvalid,
-    /// `WATCHDOG_USEC=` not a positive number.
+    /// `WATCHDOG_USEC=` or `EXTEND_TIMEOUT_USEC=` not a positive number.
     UsecInvalid,
+    /// `STOPPING=` with anything but `1`.
+    StoppingInvalid,
     /// Not one of the lines the agent relays.
     NotRelayed,
     /// The host side is absent or not reading: the line was dropped.
@@ -50,10 +52,13 @@ impl std::fmt::Display for Refusal {
                 "bad condition (CONDITION=name=1 or CONDITION=name=0, a name of 1 to 64 of \
                  A-Z a-z 0-9 _ . : -)"
             }
-            Refusal::UsecInvalid => "bad WATCHDOG_USEC (a positive number of microseconds)",
+            Refusal::UsecInvalid => {
+                "bad WATCHDOG_USEC or EXTEND_TIMEOUT_USEC (a positive number of microseconds)"
+            }
+            Refusal::StoppingInvalid => "bad STOPPING (only STOPPING=1)",
             Refusal::NotRelayed => {
                 "not a relayed line (CHECKPOINT=, CONDITION=, STATUS=, WATCHDOG=1, \
-                 WATCHDOG=trigger, WATCHDOG_USEC=)"
+                 WATCHDOG=trigger, WATCHDOG_USEC=, EXTEND_TIMEOUT_USEC=, STOPPING=1)"
             }
             Refusal::HostUnreachable => "host unreachable",
             Refusal::TooManyClients => "too many clients",
@@ -78,12 +83,15 @@ pub fn relayable(raw: &[u8]) -> Result<&str, Refusal> {
         Message::Heartbeat if line == "WATCHDOG=1" => Ok(line),
         Message::Trigger
         | Message::SetTimeout(_)
+        | Message::ExtendTimeout(_)
+        | Message::Stopping
         | Message::Checkpoint(_)
         | Message::Condition(..)
         | Message::Status(_) => Ok(line),
         Message::Rejected(Rejection::BadValue) => Err(match line.split_once('=') {
             Some(("CHECKPOINT", _)) => Refusal::NameInvalid,
             Some(("CONDITION", _)) => Refusal::ConditionInvalid,
+            Some(("STOPPING", _)) => Refusal::StoppingInvalid,
             _ => Refusal::UsecInvalid,
         }),
         Message::Rejected(Rejection::InvalidUtf8) => Err(Refusal::InvalidUtf8),

@@ -209,8 +209,10 @@ fn steps(cfg: &WatchdogConfig) -> Vec<Step> {
 enum InputLog {
     /// `WATCHDOG=trigger`.
     Trigger,
-    /// `WATCHDOG_USEC=`.
+    /// `WATCHDOG_USEC=` and `EXTEND_TIMEOUT_USEC=`.
     SetTimeout,
+    /// `STOPPING=1`.
+    Stopping,
     /// `STATUS=`.
     Status,
     /// `CHECKPOINT=` (debug level).
@@ -222,7 +224,7 @@ enum InputLog {
 /// One [`LogLimiter`] per [`InputLog`] kind: a burst of 5 lines, then one per 10 s, each
 /// allowed line carrying how many were suppressed before it.
 #[derive(Debug)]
-struct InputLogs([LogLimiter; 5]);
+struct InputLogs([LogLimiter; 6]);
 
 impl InputLogs {
     fn new() -> Self {
@@ -635,6 +637,26 @@ impl WatchdogTask {
                                 timeout_ms = d.as_millis() as u64,
                                 suppressed,
                                 "peer set the timeout"
+                            );
+                        }
+                    }
+                    Message::ExtendTimeout(d) => {
+                        if let Some(suppressed) = self.logs.allow(InputLog::SetTimeout) {
+                            info!(
+                                watchdog = &*self.id,
+                                extend_ms = d.as_millis() as u64,
+                                suppressed,
+                                "peer asked for more time until its next message"
+                            );
+                        }
+                    }
+                    Message::Stopping => {
+                        if let Some(suppressed) = self.logs.allow(InputLog::Stopping) {
+                            info!(
+                                watchdog = &*self.id,
+                                conn,
+                                suppressed,
+                                "peer is stopping (STOPPING=1): supervision suspended until it speaks again"
                             );
                         }
                     }

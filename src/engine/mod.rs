@@ -77,6 +77,15 @@
 //! `WATCHDOG=trigger` expires the plain timeout at once; while the plain timeout is
 //! deactivated the trigger is refused (nothing is supervising).
 //!
+//! ## A planned stop
+//!
+//! `STOPPING=1` (systemd's "the service is beginning its shutdown") suspends every supervision
+//! of the watchdog, as a false condition does: no timer runs, nothing fires, the status is
+//! DEACTIVATED and the snapshot says `stopping`. The peer's next input of any other kind ends
+//! it (a restarted service speaks again), as does the VM starting over; supervision then
+//! restarts from that moment. `EXTEND_TIMEOUT_USEC=N` is input that also holds the plain
+//! timeout's deadline at least N µs away, once (see [`timeout`]).
+//!
 //! Whatever is refused comes back as a [`Refusal`] in [`Outcome::rejected`]: its message for
 //! the log, and a [`RefusalReason`] to count it by.
 
@@ -103,7 +112,7 @@ pub use deadline::DeadlineSpec;
 use deadline::DeadlineSupervision;
 pub use logical::LogicalSpec;
 use logical::LogicalSupervision;
-pub use refusal::{ConditionRefusal, Refusal, RefusalReason, TimeoutRefusal};
+pub use refusal::{ConditionRefusal, ExtendRefusal, Refusal, RefusalReason, TimeoutRefusal};
 use spec::ms;
 pub use spec::{
     ConditionSpec, EngineSpec, Setter, SpecError, SupervisionKind, TIMEOUT_NAME, TimeRange,
@@ -170,6 +179,12 @@ pub enum Event<'a> {
     Trigger,
     /// `WATCHDOG_USEC=`: a new plain timeout, taken only within the configured bounds.
     SetTimeout(Duration),
+    /// `EXTEND_TIMEOUT_USEC=`: input, and the plain timeout's deadline held at least this far
+    /// away until the next input; refused above the bounds' maximum.
+    ExtendTimeout(Duration),
+    /// `STOPPING=1`: the peer stops on purpose; every supervision is suspended until its next
+    /// input of another kind.
+    Stopping,
     /// A condition changes.
     Condition {
         /// The condition's name, as declared (or [`VM_RUNNING`]).
@@ -350,6 +365,8 @@ pub struct WatchdogEngine {
     sups: Vec<Supervision>,
     conditions: Conditions,
     enabled: bool,
+    /// The peer said `STOPPING=1` and has not spoken since.
+    stopping: bool,
     status: GlobalStatus,
     expired_since: Option<Instant>,
     expired_tolerance: Option<Duration>,
@@ -407,6 +424,7 @@ impl WatchdogEngine {
             sups,
             conditions,
             enabled: true,
+            stopping: false,
             status: GlobalStatus::Ok,
             expired_since: None,
             expired_tolerance: spec.expired_tolerance,
@@ -478,6 +496,7 @@ impl WatchdogEngine {
         EngineSnapshot {
             status: self.status,
             enabled: self.enabled,
+            stopping: self.stopping,
             last_reason: self.last_reason.clone(),
             expired_for_ms: match self.status {
                 GlobalStatus::Expired | GlobalStatus::Stopped => {
@@ -627,6 +646,7 @@ impl WatchdogEngine {
                 None
             }
             Event::Trigger => {
+                self.resume(now, local);
                 let mut refused = None;
                 for (i, s) in self.sups.iter_mut().enumerate() {
                     if let Body::Timeout(t) = &mut s.body {
@@ -652,6 +672,32 @@ impl WatchdogEngine {
                 self.peer_input(now, local);
                 refused
             }
+            Event::ExtendTimeout(by) => {
+                self.peer_input(now, local);
+                let mut refused = None;
+                for s in &mut self.sups {
+                    if let Body::Timeout(t) = &mut s.body
+                        && s.active
+                    {
+                        refused = t.extend(now, by).err().map(Refusal::from);
+                    }
+                }
+                refused
+            }
+            Event::Stopping => {
+                if !self.stopping {
+                    self.stopping = true;
+                    for i in 0..self.sups.len() {
+                        self.update_activity(i, now, "the peer is stopping (STOPPING=1)", local);
+                    }
+                }
+                for s in &mut self.sups {
+                    if let Body::Timeout(t) = &mut s.body {
+                        t.note_input(now);
+                    }
+                }
+                None
+            }
             Event::Condition { name, value, by } => {
                 if by == Setter::Guest {
                     self.peer_input(now, local);
@@ -674,6 +720,7 @@ impl WatchdogEngine {
                 }
             }
             Event::StartOver => {
+                let was_stopping = std::mem::take(&mut self.stopping);
                 for (i, s) in self.sups.iter_mut().enumerate() {
                     s.body.forget_input();
                     if !s.active {
@@ -692,6 +739,11 @@ impl WatchdogEngine {
                                     .into(),
                             },
                         ));
+                    }
+                }
+                if was_stopping {
+                    for i in 0..self.sups.len() {
+                        self.update_activity(i, now, "the VM started over after STOPPING=1", local);
                     }
                 }
                 None
@@ -725,8 +777,18 @@ impl WatchdogEngine {
         }
     }
 
-    /// Input from the peer: refreshes (or re-arms) the plain timeout.
+    /// Input from the peer after `STOPPING=1`: the stop is over, supervision restarts now.
+    fn resume(&mut self, now: Instant, local: &mut Tagged) {
+        if std::mem::take(&mut self.stopping) {
+            for i in 0..self.sups.len() {
+                self.update_activity(i, now, "the peer spoke again after STOPPING=1", local);
+            }
+        }
+    }
+
+    /// Input from the peer: ends a planned stop, and refreshes (or re-arms) the plain timeout.
     fn peer_input(&mut self, now: Instant, local: &mut Tagged) {
+        self.resume(now, local);
         for (i, s) in self.sups.iter_mut().enumerate() {
             if let Body::Timeout(t) = &mut s.body {
                 if s.active {
@@ -743,8 +805,10 @@ impl WatchdogEngine {
     /// Starts or suspends supervision `i` if its switches and conditions say so.
     fn update_activity(&mut self, i: usize, now: Instant, reason: &str, local: &mut Tagged) {
         let s = &self.sups[i];
-        let run =
-            self.enabled && s.enabled && s.conditions.iter().all(|c| self.conditions.holds(c));
+        let run = self.enabled
+            && !self.stopping
+            && s.enabled
+            && s.conditions.iter().all(|c| self.conditions.holds(c));
         let s = &mut self.sups[i];
         if run == s.active {
             return;
@@ -872,6 +936,9 @@ pub struct EngineSnapshot {
     pub status: GlobalStatus,
     /// Whether the watchdog as a whole is enabled.
     pub enabled: bool,
+    /// Whether the peer said `STOPPING=1` and has not spoken since (every supervision is
+    /// suspended).
+    pub stopping: bool,
     /// Why the global status last changed.
     pub last_reason: Option<String>,
     /// How long it has been EXPIRED (or STOPPED).
@@ -1083,6 +1150,133 @@ mod tests {
             e.next_deadline(),
             Some(t0 + ms(62_000)),
             "unchanged timeout, but the line was input"
+        );
+    }
+
+    #[test]
+    fn stopping_suspends_everything_without_a_fire_until_the_peer_speaks_again() {
+        let t0 = Instant::now();
+        let mut e = engine(&paused_spec(), t0);
+        let _ = e.handle(Event::Checkpoint("s"), t0 + ms(10));
+        let c = e.handle(Event::Stopping, t0 + ms(20)).changes;
+        assert_eq!(globals(&c), [(GO, GD)]);
+        assert!(
+            c.iter()
+                .filter(|c| !c.is_global())
+                .all(|c| c.reason == "the peer is stopping (STOPPING=1): supervision suspended"),
+            "{c:?}"
+        );
+        assert!(e.snapshot(t0 + ms(20)).stopping);
+        assert_eq!(e.next_deadline(), None, "no timer runs while stopped");
+        assert!(e.poll(t0 + ms(3_600_000)).is_empty(), "an hour: nothing");
+        // A second STOPPING=1, an operator's enable and the VM's conditions change nothing.
+        assert!(
+            e.handle(Event::Stopping, t0 + ms(3_600_001))
+                .changes
+                .is_empty()
+        );
+        assert!(
+            e.handle(Event::Enable(None), t0 + ms(3_600_002))
+                .changes
+                .is_empty()
+        );
+        // The peer speaks again: supervision restarts from that moment, with the full timeout.
+        let back = t0 + ms(3_600_010);
+        let c = e.handle(Event::Heartbeat, back).changes;
+        assert_eq!(globals(&c), [(GD, GO)]);
+        assert!(
+            c[0].reason
+                .starts_with("the peer spoke again after STOPPING=1: supervision restarted"),
+            "{}",
+            c[0].reason
+        );
+        assert!(!e.snapshot(back).stopping);
+        assert_eq!(
+            e.next_deadline(),
+            Some(back + ms(100)),
+            "a fresh alive cycle first"
+        );
+        assert_eq!(
+            e.snapshot(back).supervisions[0].next_deadline_ms,
+            Some(1000),
+            "the full timeout"
+        );
+    }
+
+    #[test]
+    fn every_kind_of_peer_input_ends_a_stop_and_a_trigger_then_fires() {
+        let t0 = Instant::now();
+        let timeout = || EngineSpec::plain(ms(1000));
+        let mut e = engine(&timeout(), t0);
+        let _ = e.handle(Event::Stopping, t0);
+        let c = e.handle(Event::Trigger, t0 + ms(5000)).changes;
+        assert_eq!(
+            globals(&c),
+            [(GD, GO), (GO, GX)],
+            "resumed, then the trigger"
+        );
+        for ev in [
+            Event::Checkpoint("x"),
+            Event::SetTimeout(ms(500)),
+            Event::ExtendTimeout(ms(500)),
+            cond("ready", true, Setter::Guest),
+        ] {
+            let mut spec = timeout();
+            spec.conditions = vec![ConditionSpec::new("ready", false, Setter::Guest)];
+            let mut e = engine(&spec, t0);
+            let _ = e.handle(Event::Stopping, t0);
+            let c = e.handle(ev, t0 + ms(10)).changes;
+            assert_eq!(globals(&c), [(GD, GO)], "{ev:?}");
+        }
+        // Conditions of the VM or the operator are not the peer speaking.
+        let mut spec = timeout();
+        spec.conditions = vec![ConditionSpec::new("maint", false, Setter::Operator)];
+        let mut e = engine(&spec, t0);
+        let _ = e.handle(Event::Stopping, t0);
+        let o = e.handle(cond("maint", true, Setter::Operator), t0 + ms(10));
+        assert!(o.changes.is_empty(), "{o:?}");
+        assert!(
+            e.handle(cond(VM_RUNNING, true, Setter::Vm), t0 + ms(20))
+                .changes
+                .is_empty()
+        );
+        assert!(e.snapshot(t0).stopping);
+    }
+
+    #[test]
+    fn a_vm_that_starts_over_after_stopping_waits_its_grace_again() {
+        let t0 = Instant::now();
+        let mut spec = EngineSpec::plain(ms(1000));
+        spec.grace = Some(ms(30_000));
+        let mut e = engine(&spec, t0);
+        let _ = e.handle(Event::Heartbeat, t0 + ms(10));
+        let _ = e.handle(Event::Stopping, t0 + ms(20));
+        let c = e.handle(Event::StartOver, t0 + ms(5000)).changes;
+        assert_eq!(globals(&c), [(GD, GO)]);
+        assert!(!e.snapshot(t0).stopping);
+        assert_eq!(e.next_deadline(), Some(t0 + ms(35_000)), "the grace");
+    }
+
+    #[test]
+    fn extend_timeout_holds_one_deadline_within_timeout_max() {
+        let t0 = Instant::now();
+        let mut spec = EngineSpec::plain(ms(1000));
+        spec.plain.max = Some(ms(60_000));
+        let mut e = engine(&spec, t0);
+        let o = e.handle(Event::ExtendTimeout(ms(20_000)), t0 + ms(100));
+        assert_eq!(o, Outcome::default());
+        assert_eq!(e.next_deadline(), Some(t0 + ms(20_100)));
+        assert!(e.poll(t0 + ms(20_099)).is_empty());
+        let c = e.poll(t0 + ms(20_100));
+        assert_eq!(globals(&c), [(GO, GX)]);
+        let o = e.handle(Event::ExtendTimeout(ms(60_001)), t0 + ms(30_000));
+        assert_eq!(globals(&o.changes), [(GX, GO)], "the line is input");
+        let why = o.rejected.expect("refused");
+        assert_eq!(why.reason(), RefusalReason::TimeoutOutOfBounds);
+        assert_eq!(
+            e.next_deadline(),
+            Some(t0 + ms(31_000)),
+            "the plain timeout"
         );
     }
 
@@ -1420,6 +1614,7 @@ mod tests {
             "last_reason": null,
             "expired_for_ms": null,
             "stopped_in_ms": null,
+            "stopping": false,
             "next_deadline_ms": 60,
             "conditions": [{"name": "vm-running", "value": true, "set_by": "vm"}],
             "supervisions": [
@@ -1483,7 +1678,10 @@ mod tests {
             9 => cond("g", false, Setter::Guest),
             10 => Event::Disable(Some("loop")),
             11 => Event::Enable(Some("loop")),
-            _ => Event::SetTimeout(ms(150)),
+            12 => Event::SetTimeout(ms(150)),
+            13 => Event::Stopping,
+            14 => Event::ExtendTimeout(ms(180)),
+            _ => Event::StartOver,
         }
     }
 
@@ -1518,7 +1716,7 @@ mod tests {
         /// fed events, another is also polled at every millisecond in between.
         #[test]
         fn fuzz_polling_frequency_does_not_change_the_outcome(
-            events in proptest::collection::vec((0u64..90, 0u8..13), 0..40),
+            events in proptest::collection::vec((0u64..90, 0u8..16), 0..40),
         ) {
             let t0 = Instant::now();
             let spec = busy_spec();

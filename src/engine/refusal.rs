@@ -8,7 +8,7 @@
 use std::fmt;
 
 pub use super::conditions::ConditionRefusal;
-pub use super::timeout::TimeoutRefusal;
+pub use super::timeout::{ExtendRefusal, TimeoutRefusal};
 
 /// Why [`WatchdogEngine::handle`](super::WatchdogEngine::handle) refused an event (or the part
 /// of it that was more than input).
@@ -21,6 +21,9 @@ pub enum Refusal {
     /// `WATCHDOG_USEC=` asked for a timeout outside the configured bounds.
     #[error(transparent)]
     Timeout(#[from] TimeoutRefusal),
+    /// `EXTEND_TIMEOUT_USEC=` asked for more than the longest timeout allowed.
+    #[error(transparent)]
+    Extend(#[from] ExtendRefusal),
     /// `WATCHDOG=trigger` while the plain timeout is deactivated: nothing is supervising, so
     /// there is nothing to expire.
     #[error("WATCHDOG=trigger refused: the plain timeout is deactivated")]
@@ -41,7 +44,7 @@ impl Refusal {
         match self {
             Refusal::Condition(ConditionRefusal::Unknown { .. }) => RefusalReason::UnknownCondition,
             Refusal::Condition(ConditionRefusal::WrongSetter { .. }) => RefusalReason::WrongSetter,
-            Refusal::Timeout(_) => RefusalReason::TimeoutOutOfBounds,
+            Refusal::Timeout(_) | Refusal::Extend(_) => RefusalReason::TimeoutOutOfBounds,
             Refusal::TriggerDeactivated => RefusalReason::TriggerDeactivated,
             Refusal::UnknownSupervision { .. } => RefusalReason::UnknownSupervision,
         }
@@ -60,7 +63,7 @@ pub enum RefusalReason {
     UnknownCondition,
     /// A condition set by someone other than its setter.
     WrongSetter,
-    /// A `WATCHDOG_USEC=` outside the bounds.
+    /// A `WATCHDOG_USEC=` outside the bounds, or an `EXTEND_TIMEOUT_USEC=` above them.
     TimeoutOutOfBounds,
     /// A `WATCHDOG=trigger` while the plain timeout is deactivated.
     TriggerDeactivated,

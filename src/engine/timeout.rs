@@ -8,6 +8,10 @@
 //! * `WATCHDOG_USEC=` sets a new timeout within [`TimeoutSpec::bounds`]; outside them the
 //!   request is refused with a [`TimeoutRefusal`] and nothing changes, though the line still counts as
 //!   input.
+//! * `EXTEND_TIMEOUT_USEC=N` (systemd's "the service must send a new message within N µs")
+//!   moves this one deadline to `now + N` if that is later than `now + timeout`; the next input
+//!   brings back the plain timeout. N above the bounds' maximum is refused with an
+//!   [`ExtendRefusal`], so a guest cannot buy itself more silence than `timeout_max` allows.
 //! * **Recovery:** once expired it has no deadline and stays expired until the next input,
 //!   which re-arms it with a full timeout.
 
@@ -33,6 +37,21 @@ pub struct TimeoutRefusal {
     pub current: Duration,
 }
 
+/// Why an `EXTEND_TIMEOUT_USEC=` was not taken: it asks for more than the longest timeout the
+/// configuration allows. The deadline stays `timeout` after the line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "EXTEND_TIMEOUT_USEC={} refused: at most {} ms (timeout_max) may be asked for",
+    .requested.as_micros(),
+    ms(*.max)
+)]
+pub struct ExtendRefusal {
+    /// The extension the peer asked for.
+    pub requested: Duration,
+    /// The most it may ask for (`timeout_max`, else the timeout).
+    pub max: Duration,
+}
+
 /// A timer that input refreshes and silence expires. Pure: time comes in as an argument.
 #[derive(Debug, Clone)]
 pub(crate) struct TimeoutSupervision {
@@ -44,6 +63,8 @@ pub(crate) struct TimeoutSupervision {
     last_input: Option<Instant>,
     /// `None` while expired.
     deadline: Option<Instant>,
+    /// The `EXTEND_TIMEOUT_USEC=` behind the current deadline, until the next input.
+    extended: Option<Duration>,
     status: SupervisionStatus,
 }
 
@@ -57,6 +78,7 @@ impl TimeoutSupervision {
             armed_at: now,
             last_input: None,
             deadline: None,
+            extended: None,
             status: SupervisionStatus::Ok,
         };
         s.restart(now);
@@ -102,6 +124,7 @@ impl TimeoutSupervision {
         };
         self.armed_at = now;
         self.deadline = Some(add(now, first));
+        self.extended = None;
         self.status = SupervisionStatus::Ok;
     }
 
@@ -121,6 +144,7 @@ impl TimeoutSupervision {
         let silent = now.saturating_duration_since(self.silent_since());
         self.last_input = Some(now);
         self.deadline = Some(add(now, self.timeout));
+        self.extended = None;
         if self.status == SupervisionStatus::Expired {
             self.status = SupervisionStatus::Ok;
             out.push(LocalChange {
@@ -162,21 +186,45 @@ impl TimeoutSupervision {
         }
     }
 
+    /// `EXTEND_TIMEOUT_USEC=` at `now`, after the line was taken as input: the deadline becomes
+    /// `now + by` if that is later. Refused (nothing changes) above the bounds' maximum.
+    pub fn extend(&mut self, now: Instant, by: Duration) -> Result<(), ExtendRefusal> {
+        let max = self.bounds.max;
+        if by > max {
+            return Err(ExtendRefusal { requested: by, max });
+        }
+        let until = add(now, by);
+        if let Some(d) = self.deadline
+            && until > d
+        {
+            self.deadline = Some(until);
+            self.extended = Some(by);
+        }
+        Ok(())
+    }
+
     /// Expires the timer if its deadline is due within `h`.
     pub fn settle(&mut self, h: Horizon, out: &mut Vec<LocalChange>) {
         let Some(d) = self.deadline.filter(|d| h.covers(*d)) else {
             return;
         };
         let silent = d.saturating_duration_since(self.silent_since());
-        let reason = match self.last_input {
-            Some(_) => format!(
+        let reason = match (self.last_input, self.extended) {
+            (Some(_), Some(by)) => format!(
+                "silent for {} ms, past the {} ms its EXTEND_TIMEOUT_USEC= asked for (timeout {} ms)",
+                ms(silent),
+                ms(by),
+                ms(self.timeout)
+            ),
+            (Some(_), None) => format!(
                 "silent for {} ms, timeout {} ms",
                 ms(silent),
                 ms(self.timeout)
             ),
-            None => format!("nothing received in the {} ms since start", ms(silent)),
+            (None, _) => format!("nothing received in the {} ms since start", ms(silent)),
         };
         self.deadline = None;
+        self.extended = None;
         self.status = SupervisionStatus::Expired;
         out.push(LocalChange {
             at: d,
@@ -256,6 +304,52 @@ mod tests {
         assert_eq!(s.deadline(), Some(t0 + ms(25_000)));
         s.restart(t0 + ms(40_000));
         assert_eq!(s.deadline(), Some(t0 + ms(45_000)), "heard: plain timeout");
+    }
+
+    #[test]
+    fn an_extension_holds_one_deadline_within_timeout_max_and_the_next_input_ends_it() {
+        let t0 = Instant::now();
+        let spec = TimeoutSpec {
+            max: Some(ms(60_000)),
+            ..TimeoutSpec::new(T)
+        };
+        let mut s = TimeoutSupervision::new(&spec, None, t0);
+        let mut out = Vec::new();
+        s.input(t0 + ms(1000), &mut out);
+        s.extend(t0 + ms(1000), ms(30_000)).unwrap();
+        assert_eq!(s.deadline(), Some(t0 + ms(31_000)));
+        s.extend(t0 + ms(1000), ms(2000)).unwrap();
+        assert_eq!(s.deadline(), Some(t0 + ms(31_000)), "never shortens");
+        let err = s.extend(t0 + ms(1000), ms(60_001)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "EXTEND_TIMEOUT_USEC=60001000 refused: at most 60000 ms (timeout_max) may be asked for"
+        );
+        assert_eq!(
+            s.deadline(),
+            Some(t0 + ms(31_000)),
+            "a refusal changes nothing"
+        );
+        s.settle(incl(t0 + ms(30_999)), &mut out);
+        assert!(out.is_empty());
+        s.settle(incl(t0 + ms(31_000)), &mut out);
+        assert_eq!(out.len(), 1);
+        assert!(
+            out[0]
+                .reason
+                .contains("past the 30000 ms its EXTEND_TIMEOUT_USEC= asked for"),
+            "{}",
+            out[0].reason
+        );
+        // Input ends an extension: the plain timeout is back.
+        s.input(t0 + ms(40_000), &mut out);
+        s.extend(t0 + ms(40_000), ms(20_000)).unwrap();
+        s.input(t0 + ms(41_000), &mut out);
+        assert_eq!(s.deadline(), Some(t0 + ms(46_000)));
+        // Without timeout_max nothing beyond the timeout may be asked for.
+        let mut plain = sup(None, t0);
+        assert!(plain.extend(t0, T).is_ok());
+        assert!(plain.extend(t0, T + ms(1)).is_err());
     }
 
     #[test]
