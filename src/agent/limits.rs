@@ -26,3 +26,10 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest answer read: the agent answers `OK` or `ERR reason`, a few dozen bytes, so a
 /// kilobyte refuses anything that is not the agent without a cost.
 pub const MAX_REPLY: u64 = 1024;
+
+/// The longest notify datagram taken, systemd's own limit (`NOTIFY_BUFFER_MAX`, one page): a
+/// longer one is dropped and counted, never read in part.
+pub const MAX_DATAGRAM: usize = 4096;
+/// Notify datagrams received per wake-up, so a daemon that sends without pause cannot hold the
+/// loop: the rest wait in the socket's queue, and the kernel drops what does not fit there.
+pub const NOTIFY_BUDGET: usize = 256;

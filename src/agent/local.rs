@@ -111,16 +111,16 @@ pub struct LocalSocket {
     pub required: bool,
 }
 
-/// The listening local socket. Removes its file when dropped, if the file is still its own.
+/// A socket file the agent created: removed when dropped, if it is still the agent's own (a
+/// newer agent may have replaced it).
 #[derive(Debug)]
-pub(super) struct LocalListener {
-    pub(super) listener: UnixListener,
+pub(super) struct SocketFile {
     pub(super) path: PathBuf,
     /// Device and inode of the socket file, to tell it from a newer agent's.
-    pub(super) id: (u64, u64),
+    id: (u64, u64),
 }
 
-impl Drop for LocalListener {
+impl Drop for SocketFile {
     fn drop(&mut self) {
         if let Ok(m) = std::fs::symlink_metadata(&self.path)
             && (m.dev(), m.ino()) == self.id
@@ -130,18 +130,49 @@ impl Drop for LocalListener {
     }
 }
 
-/// Binds the local socket at `path`: replaces a stale socket file (one nobody answers on),
-/// refuses a live one or anything that is not a socket, and sets the mode before the socket
-/// appears under its name (bound under a temporary name, chmod, renamed), so there is no moment
-/// when anyone may connect.
+/// The listening local socket.
+#[derive(Debug)]
+pub(super) struct LocalListener {
+    pub(super) listener: UnixListener,
+    /// Its file, removed with it.
+    _file: SocketFile,
+}
+
+/// Binds the local socket at `path` (see [`place_socket`]).
 pub(super) fn bind_local(path: &Path) -> Result<LocalListener, AgentError> {
+    let (listener, file) = place_socket(
+        path,
+        |p| UnixStream::connect(p).is_ok(),
+        |p| UnixListener::bind(p),
+    )?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| AgentError::SocketBind {
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok(LocalListener {
+        listener,
+        _file: file,
+    })
+}
+
+/// Binds a socket at `path` with `bind`: replaces a stale socket file (one `live` says nobody
+/// answers on), refuses a live one or anything that is not a socket, and sets the mode before
+/// the socket appears under its name (bound under a temporary name, chmod, renamed), so there is
+/// no moment when anyone may connect or send.
+pub(super) fn place_socket<S>(
+    path: &Path,
+    live: impl FnOnce(&Path) -> bool,
+    bind: impl FnOnce(&Path) -> io::Result<S>,
+) -> Result<(S, SocketFile), AgentError> {
     let bind_err = |source| AgentError::SocketBind {
         path: path.to_owned(),
         source,
     };
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
-            if UnixStream::connect(path).is_ok() {
+            if live(path) {
                 return Err(AgentError::SocketInUse(path.to_owned()));
             }
             match std::fs::remove_file(path) {
@@ -170,24 +201,23 @@ pub(super) fn bind_local(path: &Path) -> Result<LocalListener, AgentError> {
     tmp_name.push(format!(".{}.tmp", std::process::id()));
     let tmp = path.with_file_name(tmp_name);
     let _ = std::fs::remove_file(&tmp);
-    let listener = UnixListener::bind(&tmp).map_err(bind_err)?;
+    let socket = bind(&tmp).map_err(bind_err)?;
     let placed = std::fs::set_permissions(&tmp, Permissions::from_mode(SOCKET_MODE))
         .and_then(|()| std::fs::rename(&tmp, path))
         .and_then(|()| std::fs::symlink_metadata(path));
-    let meta = match placed {
-        Ok(m) => m,
+    match placed {
+        Ok(m) => Ok((
+            socket,
+            SocketFile {
+                path: path.to_owned(),
+                id: (m.dev(), m.ino()),
+            },
+        )),
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
-            return Err(bind_err(e));
+            Err(bind_err(e))
         }
-    };
-    let local = LocalListener {
-        listener,
-        path: path.to_owned(),
-        id: (meta.dev(), meta.ino()),
-    };
-    local.listener.set_nonblocking(true).map_err(bind_err)?;
-    Ok(local)
+    }
 }
 
 /// A guest program connected to the local socket.

@@ -36,8 +36,21 @@
 //! Everything runs in the one poll(2) loop that also waits for the next heartbeat, so no client
 //! can delay a heartbeat.
 
+//!
+//! ## The notify socket
+//!
+//! With [`AgentConfig::notify`] the agent also serves systemd's notify protocol on a datagram
+//! socket ([`notify`], mode 0660), so an unmodified `sd_notify` daemon started with
+//! `NOTIFY_SOCKET` pointing there is supervised from the host: its `WATCHDOG=1`,
+//! `WATCHDOG=trigger`, `WATCHDOG_USEC=`, `EXTEND_TIMEOUT_USEC=`, `STATUS=`, `READY=1` and
+//! `STOPPING=1` go to the host as protocol lines, one write per datagram. The agent then sends
+//! no heartbeat of its own (it only keeps the channel open), so the daemon's silence is what
+//! the host hears. Datagrams are served in the same poll(2) loop, a bounded number per
+//! wake-up; bad ones are dropped, counted and logged at most every 10 s.
+
 pub mod limits;
 pub(crate) mod local;
+pub mod notify;
 pub mod relay;
 mod target;
 
@@ -50,9 +63,11 @@ use std::time::{Duration, Instant};
 use crate::protocol::{Decoder, MAX_LINE, Message};
 
 pub use limits::MAX_CLIENTS;
-use limits::{READ_BUDGET, REOPEN_GAP};
+use limits::{MAX_DATAGRAM, NOTIFY_BUDGET, READ_BUDGET, REOPEN_GAP};
 pub use local::{DEFAULT_SOCKET, LocalSocket, Refusal, relayable};
 use local::{LocalClient, LocalListener, bind_local};
+pub use notify::{DEFAULT_NOTIFY_SOCKET, DEFAULT_READY_CONDITION};
+use notify::{LogGate, Malformed, NotifySocket, Received, bind_notify, translate};
 use target::{Conn, open, set_blocking};
 pub use target::{Target, TargetError, find_port};
 
@@ -78,9 +93,21 @@ pub struct AgentConfig {
     pub reply_pulses: bool,
     /// The local socket for guest programs (`None`: none).
     pub socket: Option<LocalSocket>,
+    /// The notify socket for `sd_notify` daemons (`None`: none). With it the agent sends no
+    /// heartbeats of its own: the daemon's are what the host hears.
+    pub notify: Option<NotifyConfig>,
     /// `tcp:` targets: the pre-shared key of the host's `psk=` channel; every connection is
     /// authenticated and every message sealed (`docs/protocol.md`).
     pub psk: Option<crate::auth::Key>,
+}
+
+/// The notify socket ([`notify`]): where, and the condition `READY=1` sets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotifyConfig {
+    /// Its path (`NOTIFY_SOCKET=` for the daemon); a stale socket there is replaced.
+    pub path: PathBuf,
+    /// The guest condition `READY=1` sets (`None`: `READY=1` is ignored).
+    pub ready_condition: Option<String>,
 }
 
 /// Why the agent stopped with an error, or why a line sent through it did not get through.
@@ -188,6 +215,18 @@ pub struct AgentStats {
     pub relayed: u64,
     /// Lines (and connections) from local clients refused, the host being absent included.
     pub refused: u64,
+    /// Datagrams received on the notify socket.
+    pub notify_datagrams: u64,
+    /// Messages from notify datagrams written to the host.
+    pub notify_relayed: u64,
+    /// Notify assignments that mean nothing to the host (`MAINPID=`, unknown keys).
+    pub notify_ignored: u64,
+    /// Notify datagrams dropped as malformed (not UTF-8, not `KEY=VALUE`, a bad value).
+    pub notify_malformed: u64,
+    /// Notify datagrams dropped for being longer than [`MAX_DATAGRAM`].
+    pub notify_oversized: u64,
+    /// Messages from notify datagrams dropped because the host could not take them.
+    pub notify_unrelayed: u64,
 }
 
 /// What [`Agent::flood`] did.
@@ -233,6 +272,9 @@ pub struct Agent {
     last_open_failure: Option<Instant>,
     listener: Option<LocalListener>,
     clients: Vec<LocalClient>,
+    notify: Option<NotifySocket>,
+    /// Rate-limits the log lines about dropped notify datagrams.
+    notify_log: LogGate,
     /// The authenticated session of the open connection, with `psk`.
     auth: Option<Auth>,
 }
@@ -266,6 +308,8 @@ impl Agent {
             last_open_failure: None,
             listener: None,
             clients: Vec::new(),
+            notify: None,
+            notify_log: LogGate::default(),
             auth: None,
         }
     }
@@ -407,9 +451,13 @@ impl Agent {
         }
     }
 
-    /// Writes one heartbeat (after the rest of a partly written message). Never blocks.
+    /// Writes one heartbeat (after the rest of a partly written message). Never blocks. With a
+    /// notify socket only (re)opens the channel: the daemon's heartbeats are the ones that count.
     fn beat(&mut self) {
         self.ensure_open();
+        if self.cfg.notify.is_some() {
+            return;
+        }
         let line = std::mem::take(&mut self.beat_line);
         let written = self.write_host(&line, true);
         self.beat_line = line;
@@ -422,6 +470,21 @@ impl Agent {
 
     /// Writes one checked line from a local client to the host, at once. Never blocks.
     fn relay(&mut self, line: &str) -> Result<(), Refusal> {
+        let mut msg = Vec::with_capacity(line.len() + 1);
+        msg.extend_from_slice(line.as_bytes());
+        msg.push(b'\n');
+        match self.relay_bytes(&msg) {
+            Written::Whole | Written::Started => {
+                self.stats.relayed += 1;
+                Ok(())
+            }
+            Written::Not => Err(Refusal::HostUnreachable),
+        }
+    }
+
+    /// Writes relayed lines to the host at once, reopening the channel first if it is closed
+    /// (at most every [`REOPEN_GAP`]). Never blocks.
+    fn relay_bytes(&mut self, msg: &[u8]) -> Written {
         if self.conn.is_none()
             && self
                 .last_open_failure
@@ -429,15 +492,96 @@ impl Agent {
         {
             self.ensure_open();
         }
-        let mut msg = Vec::with_capacity(line.len() + 1);
-        msg.extend_from_slice(line.as_bytes());
-        msg.push(b'\n');
-        match self.write_host(&msg, false) {
-            Written::Whole | Written::Started => {
-                self.stats.relayed += 1;
-                Ok(())
+        self.write_host(msg, false)
+    }
+
+    /// Opens the notify socket, if configured and not open yet; failing is an error.
+    fn listen_notify(&mut self) -> Result<(), AgentError> {
+        if self.notify.is_some() {
+            return Ok(());
+        }
+        let Some(cfg) = self.cfg.notify.as_ref() else {
+            return Ok(());
+        };
+        let sock = bind_notify(&cfg.path)?;
+        eprintln!(
+            "awd-agent: notify socket on {} (NOTIFY_SOCKET={0}); heartbeats come from the daemon",
+            cfg.path.display()
+        );
+        self.notify = Some(sock);
+        Ok(())
+    }
+
+    /// Receives waiting notify datagrams (at most [`NOTIFY_BUDGET`]) and relays what each
+    /// means to the host, a datagram's lines in one write; drops and counts the bad ones.
+    fn serve_notify(&mut self) {
+        let mut buf = [0u8; MAX_DATAGRAM];
+        for _ in 0..NOTIFY_BUDGET {
+            let Some(sock) = &self.notify else {
+                return;
+            };
+            let len = match sock.recv(&mut buf) {
+                Ok(Received::Datagram(n)) => n,
+                Ok(Received::Empty) => return,
+                Err(e) => {
+                    self.note_error("cannot receive on the notify socket", &e);
+                    return;
+                }
+            };
+            self.stats.notify_datagrams += 1;
+            let ready = self
+                .cfg
+                .notify
+                .as_ref()
+                .and_then(|n| n.ready_condition.as_deref());
+            let translated = if len > buf.len() {
+                Err(Malformed::Oversized(len))
+            } else {
+                translate(&buf[..len], ready)
+            };
+            let t = match translated {
+                Ok(t) => t,
+                Err(why) => {
+                    match why {
+                        Malformed::Oversized(_) => self.stats.notify_oversized += 1,
+                        _ => self.stats.notify_malformed += 1,
+                    }
+                    self.notify_dropped(&why.to_string());
+                    continue;
+                }
+            };
+            self.stats.notify_ignored += t.ignored as u64;
+            if t.messages.is_empty() {
+                continue;
             }
-            Written::Not => Err(Refusal::HostUnreachable),
+            let mut msg = Vec::new();
+            for m in &t.messages {
+                msg.extend(m.encode().expect("translated messages encode"));
+            }
+            let n = t.messages.len() as u64;
+            match self.relay_bytes(&msg) {
+                Written::Whole | Written::Started => self.stats.notify_relayed += n,
+                Written::Not => {
+                    self.stats.notify_unrelayed += n;
+                    self.notify_dropped("the host channel cannot take it now");
+                }
+            }
+        }
+    }
+
+    /// Logs a dropped notify datagram, at most once per 10 s.
+    fn notify_dropped(&mut self, why: &str) {
+        if let Some(held) = self.notify_log.allow(Instant::now()) {
+            let st = &self.stats;
+            let held = match held {
+                0 => String::new(),
+                n => format!(", {n} more lines held back"),
+            };
+            eprintln!(
+                "awd-agent: notify datagram dropped: {why} (so far: {} malformed, {} oversized, \
+                 {} messages unrelayed{held})",
+                st.notify_malformed, st.notify_oversized, st.notify_unrelayed
+            );
         }
     }
 
@@ -656,7 +800,7 @@ impl Agent {
         let mut host_quiet = false;
         // Accepting failed (out of descriptors): leave the listener out until `until`.
         let mut listener_quiet = false;
-        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(2 + MAX_CLIENTS);
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(3 + MAX_CLIENTS);
         loop {
             let now = Instant::now();
             if now >= until {
@@ -682,6 +826,11 @@ impl Agent {
                     Some(l) if !listener_quiet => l.listener.as_raw_fd(),
                     _ => -1,
                 },
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            fds.push(libc::pollfd {
+                fd: self.notify.as_ref().map_or(-1, |n| n.socket.as_raw_fd()),
                 events: libc::POLLIN,
                 revents: 0,
             });
@@ -726,9 +875,13 @@ impl Agent {
                     host_quiet = true;
                 }
             }
+            // Then the notify socket's datagrams.
+            if fds[2].revents != 0 {
+                self.serve_notify();
+            }
             // Then the clients, in the order they were polled; none is added meanwhile.
             let mut clients = std::mem::take(&mut self.clients);
-            for (c, p) in clients.iter_mut().zip(&fds[2..]) {
+            for (c, p) in clients.iter_mut().zip(&fds[3..]) {
                 if p.revents & libc::POLLNVAL != 0 {
                     c.dead = true;
                     continue;
@@ -799,6 +952,7 @@ impl Agent {
     fn run_until(&mut self, stop: Option<&AtomicBool>) -> Result<AgentStats, AgentError> {
         const STOP_CHECK: Duration = Duration::from_millis(5);
         self.listen()?;
+        self.listen_notify()?;
         let mut next = Instant::now();
         self.last_pulse = Instant::now();
         loop {
@@ -909,6 +1063,7 @@ mod tests {
             expect_pulses: None,
             reply_pulses: false,
             psk: None,
+            notify: None,
             socket: socket.map(|p| LocalSocket {
                 path: p.to_owned(),
                 required: true,
@@ -985,6 +1140,7 @@ mod tests {
         fn start(cfg: AgentConfig) -> Running {
             let mut agent = Agent::new(cfg);
             agent.listen().unwrap();
+            agent.listen_notify().unwrap();
             let stop = Arc::new(AtomicBool::new(false));
             let flag = stop.clone();
             let handle = std::thread::spawn(move || {
@@ -1237,6 +1393,117 @@ mod tests {
             relayable(format!("STATUS={}", "x".repeat(MAX_LINE - 7)).as_bytes()).map(str::len),
             Ok(MAX_LINE)
         );
+    }
+
+    /// A running agent with a notify socket (`READY=1` sets `ready`) and no local socket,
+    /// whose interval is 10 ms, connected to a host. The directory holds both sockets.
+    fn running_notify() -> (tempfile::TempDir, PathBuf, Host, Running) {
+        let dir = tempfile::tempdir().unwrap();
+        let notify = dir.path().join("agent.notify");
+        let host = Host::bind(&dir.path().join("host.sock"));
+        let mut cfg = config(
+            Target::Unix(dir.path().join("host.sock")),
+            None,
+            Duration::from_millis(10),
+        );
+        cfg.notify = Some(NotifyConfig {
+            path: notify.clone(),
+            ready_condition: Some("ready".into()),
+        });
+        (dir, notify, host, Running::start(cfg))
+    }
+
+    #[test]
+    fn notify_datagrams_are_relayed_in_order_and_the_agent_sends_no_heartbeat_of_its_own() {
+        let (_dir, notify, mut host, agent) = running_notify();
+        let mode = std::fs::metadata(&notify).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660);
+        let daemon = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        // Ten intervals pass first: an agent that sent its own heartbeats would have by then.
+        std::thread::sleep(Duration::from_millis(100));
+        daemon
+            .send_to(b"READY=1\nSTATUS=serving\nMAINPID=7\n", &notify)
+            .unwrap();
+        assert_eq!(host.line(), "CONDITION=ready=1");
+        assert_eq!(host.line(), "STATUS=serving");
+        // A bad assignment drops its whole datagram; so do invalid UTF-8 and 5,000 bytes.
+        daemon.send_to(b"STATUS=half\nhello", &notify).unwrap();
+        daemon.send_to(b"STATUS=\xff", &notify).unwrap();
+        let big = format!("STATUS={}", "x".repeat(5000));
+        daemon.send_to(big.as_bytes(), &notify).unwrap();
+        daemon.send_to(b"WATCHDOG=1", &notify).unwrap();
+        assert_eq!(host.line(), "WATCHDOG=1");
+        daemon
+            .send_to(b"EXTEND_TIMEOUT_USEC=5000000\nSTOPPING=1", &notify)
+            .unwrap();
+        assert_eq!(host.line(), "EXTEND_TIMEOUT_USEC=5000000");
+        assert_eq!(host.line(), "STOPPING=1");
+        daemon.send_to(b"WATCHDOG=trigger", &notify).unwrap();
+        assert_eq!(host.line(), "WATCHDOG=trigger");
+        let (_, st) = agent.stop();
+        assert_eq!(st.sent, 0, "no heartbeat of its own: {st:?}");
+        assert_eq!(
+            (st.notify_datagrams, st.notify_relayed, st.notify_ignored),
+            (7, 6, 1),
+            "{st:?}"
+        );
+        assert_eq!(
+            (
+                st.notify_malformed,
+                st.notify_oversized,
+                st.notify_unrelayed
+            ),
+            (2, 1, 0),
+            "{st:?}"
+        );
+        assert!(!notify.exists(), "the socket file goes with the agent");
+    }
+
+    #[test]
+    fn a_flood_of_notify_datagrams_arrives_whole_and_in_order() {
+        let (_dir, notify, mut host, agent) = running_notify();
+        let daemon = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        let sender = {
+            let notify = notify.clone();
+            std::thread::spawn(move || {
+                for i in 0..2000 {
+                    // Blocking sends: the kernel queue paces the sender, nothing is lost.
+                    daemon
+                        .send_to(format!("STATUS=n{i}\nWATCHDOG=1").as_bytes(), &notify)
+                        .unwrap();
+                }
+            })
+        };
+        for i in 0..2000 {
+            assert_eq!(host.line(), format!("STATUS=n{i}"));
+            assert_eq!(host.line(), "WATCHDOG=1");
+        }
+        sender.join().unwrap();
+        let (_, st) = agent.stop();
+        assert_eq!((st.notify_datagrams, st.notify_relayed), (2000, 4000));
+    }
+
+    #[test]
+    fn a_live_notify_socket_is_not_taken_a_stale_one_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.sock");
+        let live = notify::bind_notify(&path).unwrap();
+        assert!(matches!(
+            notify::bind_notify(&path),
+            Err(AgentError::SocketInUse(_))
+        ));
+        drop(live);
+        // A stale socket file, bound by someone who left without removing it.
+        let stale = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        drop(stale);
+        let again = notify::bind_notify(&path).unwrap();
+        std::fs::write(dir.path().join("file"), b"").unwrap();
+        assert!(matches!(
+            notify::bind_notify(&dir.path().join("file")),
+            Err(AgentError::SocketBind { .. })
+        ));
+        drop(again);
+        assert!(!path.exists());
     }
 
     #[test]

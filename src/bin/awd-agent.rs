@@ -5,7 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use awd::agent::{Agent, AgentConfig, DEFAULT_SOCKET, LocalSocket, Target, relay};
+use awd::agent::{
+    Agent, AgentConfig, DEFAULT_READY_CONDITION, DEFAULT_SOCKET, LocalSocket, NotifyConfig, Target,
+    relay,
+};
 use awd::protocol::Message;
 use awd::util::error_chain;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -16,6 +19,8 @@ Examples:
   awd-agent --to vsock:2:9009 --interval 1000 --expect-pulses 5000
   awd-agent --to tcp:192.0.2.1:9009 --interval 500
   awd-agent --to vsock:2:9009 --interval 0 --count 200000   # load: blocking writes, timed
+  awd-agent --to port:org.awd.heartbeat.0 --notify-socket /run/awd-agent.notify
+      # then: NOTIFY_SOCKET=/run/awd-agent.notify WATCHDOG_USEC=5000000 some-daemon
   awd-agent checkpoint db-ready          # through the running agent's local socket
   awd-agent condition maintenance on
   awd-agent fail 'disk full'             # STATUS=disk full, then WATCHDOG=trigger";
@@ -73,6 +78,17 @@ struct RunArgs {
     /// Open no local socket: heartbeats only.
     #[arg(long)]
     no_socket: bool,
+    /// Serve systemd's notify protocol on this datagram socket (mode 0660) and relay what
+    /// sd_notify daemons send (WATCHDOG=1, WATCHDOG=trigger, WATCHDOG_USEC=, EXTEND_TIMEOUT_USEC=,
+    /// STATUS=, READY=1, STOPPING=1) to the host. The agent then sends no heartbeats of its
+    /// own: the daemon's keep the host watchdog alive, their absence fires it. Suggested path:
+    /// /run/awd-agent.notify.
+    #[arg(long, value_name = "PATH")]
+    notify_socket: Option<PathBuf>,
+    /// With --notify-socket: the guest condition READY=1 sets (CONDITION=NAME=1 on the host;
+    /// declare it there with set_by = "guest" to link it). "none": READY=1 is ignored.
+    #[arg(long, value_name = "NAME", default_value = DEFAULT_READY_CONDITION, requires = "notify_socket")]
+    ready_condition: String,
     /// With --to tcp:, the pre-shared key file of the host's psk= channel: every connection is
     /// authenticated and every message sealed (docs/protocol.md). Mode 600 or 400.
     #[arg(long, value_name = "FILE")]
@@ -199,6 +215,36 @@ fn run(args: RunArgs) -> ExitCode {
             }
         },
     };
+    if args.notify_socket.is_some() {
+        let conflict = if args.interval == 0 {
+            Some("the load mode (--interval 0)")
+        } else if args.count.is_some() {
+            Some("--count (the agent sends no heartbeats of its own)")
+        } else if args.raw {
+            Some("--raw (the agent sends no heartbeats of its own)")
+        } else {
+            None
+        };
+        if let Some(what) = conflict {
+            eprintln!("awd-agent: error: --notify-socket does not go with {what}");
+            return ExitCode::from(2);
+        }
+    }
+    let ready_condition = match args.ready_condition.as_str() {
+        "none" => None,
+        name if awd::util::valid_name(name) => Some(name.to_owned()),
+        name => {
+            eprintln!(
+                "awd-agent: error: --ready-condition '{name}' is not a valid name (1 to 64 of \
+                 A-Z a-z 0-9 _ . : -, or none)"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let notify = args.notify_socket.map(|path| NotifyConfig {
+        path,
+        ready_condition,
+    });
     if args.interval == 0 {
         return flood(target, args.message, args.raw, args.count);
     }
@@ -215,6 +261,7 @@ fn run(args: RunArgs) -> ExitCode {
         expect_pulses: args.expect_pulses.map(Duration::from_millis),
         reply_pulses: args.reply_pulses,
         socket,
+        notify,
         psk,
     });
     eprintln!("awd-agent: started");
@@ -248,6 +295,7 @@ fn flood(target: Target, message: String, raw: bool, count: Option<u64>) -> Exit
         expect_pulses: None,
         reply_pulses: false,
         socket: None,
+        notify: None,
         psk: None,
     });
     match agent.flood() {
