@@ -386,7 +386,7 @@ pub fn render_table(watchdogs: &[Value]) -> String {
         ));
         if w["stopping"].as_bool() == Some(true) {
             out.push_str(
-                "  stopping: the peer said STOPPING=1; supervision resumes when it speaks again\n",
+                "  stopping: the peer said STOPPING=1; supervision resumes when it announces itself (READY=1, a checkpoint, WATCHDOG_USEC=)\n",
             );
         }
         if let Some(sups) = w["supervisions"].as_array() {

@@ -11,7 +11,7 @@
 //!   | `WATCHDOG=trigger` | immediate failure, without waiting for the timeout |
 //!   | `WATCHDOG_USEC=N` | set the timeout to N µs (within the configured bounds) |
 //!   | `EXTEND_TIMEOUT_USEC=N` | wait at least N µs for the next input, once (up to `timeout_max`) |
-//!   | `STOPPING=1` | a planned stop: supervision is suspended until the peer speaks again |
+//!   | `STOPPING=1` | a planned stop: supervision is suspended until the peer announces itself again (`CONDITION=`, `CHECKPOINT=`, `WATCHDOG_USEC=`, `WATCHDOG=trigger`) |
 //!   | `CHECKPOINT=name` | a named checkpoint (alive, deadline and logical supervision) |
 //!   | `CONDITION=name=1` / `CONDITION=name=0` | set or clear a linked condition |
 //!   | `STATUS=text` | free text, logged (text holding a line break is rejected) |

@@ -656,7 +656,7 @@ impl WatchdogTask {
                                 watchdog = &*self.id,
                                 conn,
                                 suppressed,
-                                "peer is stopping (STOPPING=1): supervision suspended until it speaks again"
+                                "peer is stopping (STOPPING=1): supervision suspended until it announces itself again"
                             );
                         }
                     }

@@ -81,10 +81,14 @@
 //!
 //! `STOPPING=1` (systemd's "the service is beginning its shutdown") suspends every supervision
 //! of the watchdog, as a false condition does: no timer runs, nothing fires, the status is
-//! DEACTIVATED and the snapshot says `stopping`. The peer's next input of any other kind ends
-//! it (a restarted service speaks again), as does the VM starting over; supervision then
-//! restarts from that moment. `EXTEND_TIMEOUT_USEC=N` is input that also holds the plain
-//! timeout's deadline at least N µs away, once (see [`timeout`]).
+//! DEACTIVATED and the snapshot says `stopping`. The stop ends when the peer announces itself
+//! again, as a restarted service does: a guest condition (`READY=1` through the agent), a
+//! checkpoint, `WATCHDOG_USEC=` or `WATCHDOG=trigger` (which then fires); or when the VM starts
+//! over. Supervision then restarts from that moment. Plain input (`WATCHDOG=1`), status text
+//! and `EXTEND_TIMEOUT_USEC=` do not end it: a service may go on pinging, reporting and asking
+//! for time while it drains, and its silence after that must not fire. `EXTEND_TIMEOUT_USEC=N`
+//! otherwise is input that also holds the plain timeout's deadline at least N µs away, once
+//! (see [`timeout`]).
 //!
 //! Whatever is refused comes back as a [`Refusal`] in [`Outcome::rejected`]: its message for
 //! the log, and a [`RefusalReason`] to count it by.
@@ -182,8 +186,9 @@ pub enum Event<'a> {
     /// `EXTEND_TIMEOUT_USEC=`: input, and the plain timeout's deadline held at least this far
     /// away until the next input; refused above the bounds' maximum.
     ExtendTimeout(Duration),
-    /// `STOPPING=1`: the peer stops on purpose; every supervision is suspended until its next
-    /// input of another kind.
+    /// `STOPPING=1`: the peer stops on purpose; every supervision is suspended until it
+    /// announces itself again (a guest condition, a checkpoint, `WATCHDOG_USEC=`, a trigger) or
+    /// the VM starts over.
     Stopping,
     /// A condition changes.
     Condition {
@@ -635,6 +640,7 @@ impl WatchdogEngine {
                 None
             }
             Event::Checkpoint(name) => {
+                self.resume(now, local);
                 self.peer_input(now, local);
                 for (i, s) in self.sups.iter_mut().enumerate() {
                     if s.active {
@@ -669,6 +675,7 @@ impl WatchdogEngine {
                         refused = t.set_timeout(d).err().map(Refusal::from);
                     }
                 }
+                self.resume(now, local);
                 self.peer_input(now, local);
                 refused
             }
@@ -700,6 +707,7 @@ impl WatchdogEngine {
             }
             Event::Condition { name, value, by } => {
                 if by == Setter::Guest {
+                    self.resume(now, local);
                     self.peer_input(now, local);
                 }
                 match self.conditions.set(name, value, by) {
@@ -777,18 +785,18 @@ impl WatchdogEngine {
         }
     }
 
-    /// Input from the peer after `STOPPING=1`: the stop is over, supervision restarts now.
+    /// The peer announced itself after `STOPPING=1`: the stop is over, supervision restarts
+    /// now.
     fn resume(&mut self, now: Instant, local: &mut Tagged) {
         if std::mem::take(&mut self.stopping) {
             for i in 0..self.sups.len() {
-                self.update_activity(i, now, "the peer spoke again after STOPPING=1", local);
+                self.update_activity(i, now, "the peer announced itself after STOPPING=1", local);
             }
         }
     }
 
-    /// Input from the peer: ends a planned stop, and refreshes (or re-arms) the plain timeout.
+    /// Input from the peer: refreshes (or re-arms) the plain timeout.
     fn peer_input(&mut self, now: Instant, local: &mut Tagged) {
-        self.resume(now, local);
         for (i, s) in self.sups.iter_mut().enumerate() {
             if let Body::Timeout(t) = &mut s.body {
                 if s.active {
@@ -1168,8 +1176,14 @@ mod tests {
         );
         assert!(e.snapshot(t0 + ms(20)).stopping);
         assert_eq!(e.next_deadline(), None, "no timer runs while stopped");
-        assert!(e.poll(t0 + ms(3_600_000)).is_empty(), "an hour: nothing");
-        // A second STOPPING=1, an operator's enable and the VM's conditions change nothing.
+        assert!(e.poll(t0 + ms(3_599_999)).is_empty(), "an hour: nothing");
+        // Pings, a second STOPPING=1 and an operator's enable change nothing: a draining
+        // service may still ping.
+        assert!(
+            e.handle(Event::Heartbeat, t0 + ms(3_600_000))
+                .changes
+                .is_empty()
+        );
         assert!(
             e.handle(Event::Stopping, t0 + ms(3_600_001))
                 .changes
@@ -1180,13 +1194,17 @@ mod tests {
                 .changes
                 .is_empty()
         );
-        // The peer speaks again: supervision restarts from that moment, with the full timeout.
-        let back = t0 + ms(3_600_010);
-        let c = e.handle(Event::Heartbeat, back).changes;
+        assert!(
+            e.poll(t0 + ms(7_200_000)).is_empty(),
+            "silence after the pings: nothing"
+        );
+        // The peer announces itself: supervision restarts from that moment, full timeout.
+        let back = t0 + ms(7_200_010);
+        let c = e.handle(Event::Checkpoint("unknown"), back).changes;
         assert_eq!(globals(&c), [(GD, GO)]);
         assert!(
             c[0].reason
-                .starts_with("the peer spoke again after STOPPING=1: supervision restarted"),
+                .starts_with("the peer announced itself after STOPPING=1: supervision restarted"),
             "{}",
             c[0].reason
         );
@@ -1204,7 +1222,7 @@ mod tests {
     }
 
     #[test]
-    fn every_kind_of_peer_input_ends_a_stop_and_a_trigger_then_fires() {
+    fn a_stop_ends_when_the_peer_announces_itself_and_a_trigger_then_fires() {
         let t0 = Instant::now();
         let timeout = || EngineSpec::plain(ms(1000));
         let mut e = engine(&timeout(), t0);
@@ -1218,7 +1236,6 @@ mod tests {
         for ev in [
             Event::Checkpoint("x"),
             Event::SetTimeout(ms(500)),
-            Event::ExtendTimeout(ms(500)),
             cond("ready", true, Setter::Guest),
         ] {
             let mut spec = timeout();
@@ -1228,11 +1245,15 @@ mod tests {
             let c = e.handle(ev, t0 + ms(10)).changes;
             assert_eq!(globals(&c), [(GD, GO)], "{ev:?}");
         }
-        // Conditions of the VM or the operator are not the peer speaking.
+        // Pings, more time asked for while draining, and conditions of the VM or the operator
+        // are not the peer announcing itself.
         let mut spec = timeout();
         spec.conditions = vec![ConditionSpec::new("maint", false, Setter::Operator)];
         let mut e = engine(&spec, t0);
         let _ = e.handle(Event::Stopping, t0);
+        assert!(e.handle(Event::Heartbeat, t0 + ms(1)).changes.is_empty());
+        let o = e.handle(Event::ExtendTimeout(ms(500)), t0 + ms(2));
+        assert_eq!(o, Outcome::default(), "no extension to hold while stopped");
         let o = e.handle(cond("maint", true, Setter::Operator), t0 + ms(10));
         assert!(o.changes.is_empty(), "{o:?}");
         assert!(

@@ -300,27 +300,15 @@ impl Intake {
             &self.metrics,
             &mut self.limiter,
         );
-        // Plain input is counted ahead of the signals, which is harmless except after a
-        // STOPPING=1: input after it ends the stop, so the first such input goes in order.
-        let mut stopped = false;
         self.decoder.feed(bytes, |m| {
             let signal = match m {
-                Message::Heartbeat if stopped => {
-                    stopped = false;
-                    signals.push(Message::Heartbeat);
-                    return;
-                }
                 Message::Heartbeat => {
                     beats = beats.saturating_add(1);
                     return;
                 }
                 Message::Rejected(r) => {
                     metrics.reject(r);
-                    if std::mem::take(&mut stopped) {
-                        signals.push(Message::Heartbeat);
-                    } else {
-                        beats = beats.saturating_add(1);
-                    }
+                    beats = beats.saturating_add(1);
                     if let Some(suppressed) = limiter.allow(at) {
                         tracing::warn!(
                             watchdog = &**watchdog,
@@ -336,7 +324,6 @@ impl Intake {
                 }
                 signal => signal,
             };
-            stopped = signal == Message::Stopping;
             // Within one read, a run of STATUS= (or WATCHDOG_USEC=) lines means what its last
             // line means: a flood of them costs the watchdog one event per read, not per line.
             match (signals.last_mut(), &signal) {
@@ -401,48 +388,6 @@ mod tests {
         );
         assert_eq!(out.len(), 2);
         assert_eq!(metrics.rejected_count(Rejection::InvalidUtf8), 1);
-    }
-
-    /// A heartbeat after STOPPING=1 in the same read ends the stop, so it must not be counted
-    /// ahead of it as plain input is.
-    #[test]
-    fn input_after_stopping_in_one_read_stays_after_it() {
-        let metrics = Metrics::new().watchdog("w", "c");
-        let mut intake = Intake::new("w".into(), "c".into(), metrics);
-        let mut out = Vec::new();
-        intake.feed(
-            1,
-            b"WATCHDOG=1\nSTOPPING=1\nWATCHDOG=1\nWATCHDOG=1\n",
-            &mut out,
-        );
-        let signals: Vec<&Message> = out
-            .iter()
-            .filter_map(|e| match e {
-                ChannelEvent::Signal { signal, .. } => Some(signal),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(
-            signals,
-            [&Message::Stopping, &Message::Heartbeat],
-            "{out:?}"
-        );
-        assert!(
-            matches!(out[0], ChannelEvent::Heartbeats { count: 2, .. }),
-            "{out:?}"
-        );
-        let mut out = Vec::new();
-        intake.feed(1, b"STOPPING=1\n\xff\n", &mut out);
-        assert!(
-            matches!(
-                out.last(),
-                Some(ChannelEvent::Signal {
-                    signal: Message::Heartbeat,
-                    ..
-                })
-            ),
-            "rejected input after it is input too: {out:?}"
-        );
     }
 
     fn intake() -> (Intake, Arc<WatchdogMetrics>) {

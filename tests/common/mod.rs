@@ -232,6 +232,8 @@ pub struct QemuOpts {
     /// `-no-reboot` (the default): a guest reboot or `system_reset` ends QEMU. Off, the guest
     /// reboots in place, as on a host.
     pub no_reboot: bool,
+    /// The initramfs in the guest directory (`initramfs-notify.cpio.gz`: with systemd-notify).
+    pub initrd: &'static str,
 }
 
 impl QemuOpts {
@@ -246,6 +248,7 @@ impl QemuOpts {
             kernel: true,
             append: String::new(),
             no_reboot: true,
+            initrd: "initramfs.cpio.gz",
         }
     }
 }
@@ -298,7 +301,7 @@ impl Qemu {
             cmd.arg("-kernel")
                 .arg(g.join("vmlinuz"))
                 .arg("-initrd")
-                .arg(g.join("initramfs.cpio.gz"));
+                .arg(g.join(opts.initrd));
             cmd.args(["-append", &append, "-serial", "stdio"]);
         } else {
             cmd.args(["-machine", "none"]);
