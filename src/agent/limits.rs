@@ -33,3 +33,8 @@ pub const MAX_DATAGRAM: usize = 4096;
 /// Notify datagrams received per wake-up, so a daemon that sends without pause cannot hold the
 /// loop: the rest wait in the socket's queue, and the kernel drops what does not fit there.
 pub const NOTIFY_BUDGET: usize = 256;
+/// How long a notify datagram the host cannot take yet is held (and the socket left unread, so
+/// later datagrams wait in the kernel's queue, in order) before it is dropped and counted. A
+/// slow host loses nothing; a hung one costs the daemon at most this long in a blocking
+/// `sd_notify` once the queue is full.
+pub const NOTIFY_HOLD: Duration = Duration::from_secs(2);

@@ -63,7 +63,7 @@ use std::time::{Duration, Instant};
 use crate::protocol::{Decoder, MAX_LINE, Message};
 
 pub use limits::MAX_CLIENTS;
-use limits::{MAX_DATAGRAM, NOTIFY_BUDGET, READ_BUDGET, REOPEN_GAP};
+use limits::{MAX_DATAGRAM, NOTIFY_BUDGET, NOTIFY_HOLD, READ_BUDGET, REOPEN_GAP};
 pub use local::{DEFAULT_SOCKET, LocalSocket, Refusal, relayable};
 use local::{LocalClient, LocalListener, bind_local};
 pub use notify::{DEFAULT_NOTIFY_SOCKET, DEFAULT_READY_CONDITION};
@@ -273,6 +273,12 @@ pub struct Agent {
     listener: Option<LocalListener>,
     clients: Vec<LocalClient>,
     notify: Option<NotifySocket>,
+    /// A datagram's lines the host could not take yet, with their message count and since
+    /// when; while it is held the notify socket is not read (see [`NOTIFY_HOLD`]).
+    notify_pending: Option<(Vec<u8>, u64, Instant)>,
+    /// A held datagram waited [`NOTIFY_HOLD`] in vain: until the host takes a write again,
+    /// datagrams it cannot take are dropped at once, so a hung host does not slow the daemon.
+    notify_stuck: bool,
     /// Rate-limits the log lines about dropped notify datagrams.
     notify_log: LogGate,
     /// The authenticated session of the open connection, with `psk`.
@@ -309,6 +315,8 @@ impl Agent {
             listener: None,
             clients: Vec::new(),
             notify: None,
+            notify_pending: None,
+            notify_stuck: false,
             notify_log: LogGate::default(),
             auth: None,
         }
@@ -515,6 +523,9 @@ impl Agent {
     /// Receives waiting notify datagrams (at most [`NOTIFY_BUDGET`]) and relays what each
     /// means to the host, a datagram's lines in one write; drops and counts the bad ones.
     fn serve_notify(&mut self) {
+        if !self.flush_notify() {
+            return;
+        }
         let mut buf = [0u8; MAX_DATAGRAM];
         for _ in 0..NOTIFY_BUDGET {
             let Some(sock) = &self.notify else {
@@ -559,12 +570,36 @@ impl Agent {
                 msg.extend(m.encode().expect("translated messages encode"));
             }
             let n = t.messages.len() as u64;
-            match self.relay_bytes(&msg) {
-                Written::Whole | Written::Started => self.stats.notify_relayed += n,
-                Written::Not => {
-                    self.stats.notify_unrelayed += n;
-                    self.notify_dropped("the host channel cannot take it now");
-                }
+            self.notify_pending = Some((msg, n, Instant::now()));
+            if !self.flush_notify() {
+                return; // the host is slow: the rest waits in the socket's queue
+            }
+        }
+    }
+
+    /// Writes the held datagram's lines, if any. True when nothing is held any more (written,
+    /// or dropped because there is no connection or it was held for [`NOTIFY_HOLD`]).
+    fn flush_notify(&mut self) -> bool {
+        let Some((msg, n, since)) = self.notify_pending.take() else {
+            return true;
+        };
+        match self.relay_bytes(&msg) {
+            Written::Whole | Written::Started => {
+                self.stats.notify_relayed += n;
+                self.notify_stuck = false;
+                true
+            }
+            Written::Not
+                if self.conn.is_some() && !self.notify_stuck && since.elapsed() < NOTIFY_HOLD =>
+            {
+                self.notify_pending = Some((msg, n, since));
+                false
+            }
+            Written::Not => {
+                self.notify_stuck = self.conn.is_some();
+                self.stats.notify_unrelayed += n;
+                self.notify_dropped("the host channel cannot take it");
+                true
             }
         }
     }
@@ -806,14 +841,27 @@ impl Agent {
             if now >= until {
                 return Ok(());
             }
-            let ms = (until - now).as_millis().min(i32::MAX as u128) as i32;
+            // A held notify datagram is retried when the host can take it, or dropped once
+            // held for too long, whichever comes first.
+            let mut wake = until;
+            if let Some((_, _, since)) = &self.notify_pending {
+                if now >= *since + NOTIFY_HOLD {
+                    self.serve_notify();
+                }
+                if let Some((_, _, since)) = &self.notify_pending {
+                    wake = wake.min(*since + NOTIFY_HOLD);
+                }
+            }
+            let ms = (wake.saturating_duration_since(now))
+                .as_millis()
+                .min(i32::MAX as u128) as i32;
             fds.clear();
             let host_fd = match &self.conn {
                 Some(c) if !host_quiet => c.fd(),
                 _ => -1, // poll(2) ignores negative descriptors
             };
             let mut host_events = libc::POLLIN;
-            if !self.out.is_empty() {
+            if !self.out.is_empty() || self.notify_pending.is_some() {
                 host_events |= libc::POLLOUT;
             }
             fds.push(libc::pollfd {
@@ -830,7 +878,10 @@ impl Agent {
                 revents: 0,
             });
             fds.push(libc::pollfd {
-                fd: self.notify.as_ref().map_or(-1, |n| n.socket.as_raw_fd()),
+                fd: match (&self.notify, &self.notify_pending) {
+                    (Some(n), None) => n.socket.as_raw_fd(),
+                    _ => -1, // a datagram is held: later ones wait in the kernel's queue
+                },
                 events: libc::POLLIN,
                 revents: 0,
             });
@@ -865,6 +916,9 @@ impl Agent {
             if host_fd >= 0 && host != 0 {
                 if host & libc::POLLOUT != 0 {
                     self.flush_host();
+                    if self.notify_pending.is_some() {
+                        self.serve_notify();
+                    }
                 }
                 if host & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
                     self.drain_input();
@@ -1481,6 +1535,56 @@ mod tests {
         sender.join().unwrap();
         let (_, st) = agent.stop();
         assert_eq!((st.notify_datagrams, st.notify_relayed), (2000, 4000));
+    }
+
+    /// A host that accepts but never reads: a datagram is held for [`NOTIFY_HOLD`], then it and
+    /// every later one the host cannot take are dropped and counted at once; the agent never
+    /// blocks, and the daemon's queue keeps draining.
+    #[test]
+    fn a_host_that_never_reads_costs_notify_datagrams_not_the_agent() {
+        let (_dir, notify, host, agent) = running_notify();
+        let conn = {
+            let mut pfd = libc::pollfd {
+                fd: host.listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, count 1.
+            let r = unsafe { libc::poll(&mut pfd, 1, LIMIT.as_millis() as i32) };
+            assert_eq!(r, 1, "the agent did not connect");
+            host.listener.accept().unwrap().0
+        };
+        let daemon = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        daemon.set_nonblocking(true).unwrap();
+        let line = format!("STATUS={}", "x".repeat(4000));
+        let (mut sent, mut refused) = (0u64, 0u64);
+        let start = Instant::now();
+        // The daemon's behaviour: a datagram every millisecond for twice the hold.
+        while start.elapsed() < 2 * NOTIFY_HOLD {
+            match daemon.send_to(line.as_bytes(), &notify) {
+                Ok(_) => sent += 1,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => refused += 1,
+                Err(e) => panic!("{e}"),
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let stopping = Instant::now();
+        let (_, st) = agent.stop();
+        assert!(
+            stopping.elapsed() < Duration::from_secs(1),
+            "the agent was stuck"
+        );
+        assert!(
+            st.notify_unrelayed > 100,
+            "after the hold the queue drains: {st:?}"
+        );
+        assert!(st.notify_relayed > 0, "the host's buffer took some: {st:?}");
+        assert!(
+            st.notify_relayed + st.notify_unrelayed <= st.notify_datagrams,
+            "{st:?}"
+        );
+        eprintln!("sent {sent}, refused by a full queue {refused}: {st:?}");
+        drop(conn);
     }
 
     #[test]
