@@ -72,6 +72,13 @@ write("agent_line", "crlf-and-last-line", cuts(1, 9) + b"WATCHDOG=trigger\r\nWAT
 write("agent_line", "too-long", cuts(100, 4200) + b"STATUS=" + b"x" * 4200 + b"\nCHECKPOINT=after\n")
 write("agent_line", "not-utf8", cuts(2, 4) + b"STATUS=\xff\nCHECKPOINT=ok\n")
 
+# --- notify_datagram: one datagram sent to the agent's notify socket ----------------------
+write("notify_datagram", "ready", b"READY=1\nSTATUS=serving\nMAINPID=42\nWATCHDOG_USEC=5000000\n")
+write("notify_datagram", "ping", b"WATCHDOG=1")
+write("notify_datagram", "stopping", b"STOPPING=1\nSTATUS=bye\nEXTEND_TIMEOUT_USEC=20000000")
+write("notify_datagram", "bad", b"WATCHDOG=1\nWATCHDOG=0\nhello\nREADY=yes")
+write("notify_datagram", "awd-lines", b"CHECKPOINT=loaded\r\nCONDITION=db=1\nWATCHDOG=trigger\nX_OTHER=1\n\n")
+
 # --- control_request: what a client writes to the control socket ---------------------------
 write("control_request", "status", '{"cmd":"status"}\n')
 write("control_request", "enable-disable", '{"cmd":"disable","target":"vm1/main-loop"}\n{"cmd":"enable","target":"vm1/main-loop"}\n{"cmd":"disable","target":"vm2"}\n{"cmd":"enable","target":"vm2"}\n')

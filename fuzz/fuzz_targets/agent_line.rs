@@ -44,6 +44,7 @@ impl World {
             expect_pulses: None,
             reply_pulses: false,
             socket: None,
+            notify: None,
             psk: None,
         });
         World {
