@@ -1418,6 +1418,8 @@ mod tests {
             "WATCHDOG=1",
             "WATCHDOG=trigger",
             "WATCHDOG_USEC=2000000",
+            "EXTEND_TIMEOUT_USEC=30000000",
+            "STOPPING=1",
         ] {
             assert_eq!(relayable(good.as_bytes()), Ok(good));
         }
@@ -1436,6 +1438,8 @@ mod tests {
             (b"CONDITION=x=2", Refusal::ConditionInvalid),
             (b"WATCHDOG_USEC=abc", Refusal::UsecInvalid),
             (b"WATCHDOG_USEC=0", Refusal::UsecInvalid),
+            (b"EXTEND_TIMEOUT_USEC=x", Refusal::UsecInvalid),
+            (b"STOPPING=0", Refusal::StoppingInvalid),
             (b"STATUS=\xff", Refusal::InvalidUtf8),
             (b"STATUS=a\nWATCHDOG=trigger", Refusal::Newline),
             (b"STATUS=a\rb", Refusal::Newline),
