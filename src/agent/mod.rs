@@ -1139,18 +1139,23 @@ mod tests {
             }
         }
 
+        /// The agent's connection, once it has connected (within [`LIMIT`]).
+        fn accept(&self) -> UnixStream {
+            let mut pfd = libc::pollfd {
+                fd: self.listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, count 1.
+            let r = unsafe { libc::poll(&mut pfd, 1, LIMIT.as_millis() as i32) };
+            assert_eq!(r, 1, "the agent did not connect");
+            self.listener.accept().unwrap().0
+        }
+
         /// The next line the agent wrote, without its newline.
         fn line(&mut self) -> String {
             if self.conn.is_none() {
-                let mut pfd = libc::pollfd {
-                    fd: self.listener.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd, count 1.
-                let r = unsafe { libc::poll(&mut pfd, 1, LIMIT.as_millis() as i32) };
-                assert_eq!(r, 1, "the agent did not connect");
-                let (s, _) = self.listener.accept().unwrap();
+                let s = self.accept();
                 s.set_read_timeout(Some(LIMIT)).unwrap();
                 self.conn = Some(BufReader::new(s));
             }
@@ -1547,17 +1552,7 @@ mod tests {
     #[test]
     fn a_host_that_never_reads_costs_notify_datagrams_not_the_agent() {
         let (_dir, notify, host, agent) = running_notify();
-        let conn = {
-            let mut pfd = libc::pollfd {
-                fd: host.listener.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd, count 1.
-            let r = unsafe { libc::poll(&mut pfd, 1, LIMIT.as_millis() as i32) };
-            assert_eq!(r, 1, "the agent did not connect");
-            host.listener.accept().unwrap().0
-        };
+        let conn = host.accept();
         let daemon = std::os::unix::net::UnixDatagram::unbound().unwrap();
         daemon.set_nonblocking(true).unwrap();
         let line = format!("STATUS={}", "x".repeat(4000));
