@@ -565,10 +565,17 @@ impl Agent {
             if t.messages.is_empty() {
                 continue;
             }
-            let mut msg = Vec::new();
-            for m in &t.messages {
-                msg.extend(m.encode().expect("translated messages encode"));
-            }
+            // Translated messages always encode (the fuzz target checks it), except with a
+            // ready condition the caller did not validate: drop the datagram, never panic.
+            let encoded: Result<Vec<Vec<u8>>, _> = t.messages.iter().map(Message::encode).collect();
+            let msg = match encoded {
+                Ok(parts) => parts.concat(),
+                Err(e) => {
+                    self.stats.notify_malformed += 1;
+                    self.notify_dropped(&format!("cannot be relayed: {e}"));
+                    continue;
+                }
+            };
             let n = t.messages.len() as u64;
             self.notify_pending = Some((msg, n, Instant::now()));
             if !self.flush_notify() {
