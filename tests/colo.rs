@@ -41,6 +41,20 @@ fn wait_colo_exit(vm: &ColoVm, timeout: Duration) -> Value {
     }
 }
 
+/// Waits until `vm` runs: COLO reports mode `none` before the failover's own `vm_start` has
+/// run, so right after [`wait_colo_exit`] the VM may still be stopped for a moment.
+fn wait_running(vm: &ColoVm, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !vm.running() {
+        assert!(
+            Instant::now() < deadline,
+            "{}: not running {timeout:?} after COLO ended",
+            vm.name
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The script line of an `action done` record for `heart1`, waited for.
 fn action_done(awd: &mut Awd) -> Value {
     awd.wait_msg("action done", Some("heart1"), SHORT)
@@ -148,7 +162,7 @@ fn primary_dies_the_secondary_takes_over_and_the_guest_counts_on() {
     let st = wait_colo_exit(&s.vm, SHORT);
     assert_eq!(st["last-mode"], "secondary", "{st}");
     assert_eq!(st["reason"], "request", "{st}");
-    assert!(s.vm.running(), "the survivor runs");
+    wait_running(&s.vm, SHORT); // the survivor runs
     say(&format!("secondary query-colo-status: {st}; running"));
 
     // The same guest goes on: its counter continues past the primary's last value, with no
@@ -203,7 +217,7 @@ fn secondary_dies_the_primary_goes_on_alone() {
     let st = wait_colo_exit(&p.vm, SHORT);
     assert_eq!(st["last-mode"], "primary", "{st}");
     assert_eq!(st["reason"], "request", "{st}");
-    assert!(p.vm.running());
+    wait_running(&p.vm, SHORT);
     assert_eq!(
         p.vm.qmp("query-migrate", Value::Null)["status"],
         "completed"
@@ -301,7 +315,8 @@ fn a_partition_fires_both_sides_split_brain_made_visible() {
     ));
 
     // Split brain: both VMs run alone, the same guest twice, both counters going on.
-    assert!(p.vm.running() && s.vm.running());
+    wait_running(&p.vm, SHORT);
+    wait_running(&s.vm, SHORT);
     let pn = *p.vm.counters().last().unwrap();
     let sn = *s.vm.counters().last().unwrap();
     let pn2 = p.vm.wait_counter_above(pn + 2, SHORT);
